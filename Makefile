@@ -1,0 +1,35 @@
+# The two commands a newcomer needs:  `make demo`  and  `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast lint clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Creates the synthetic RefCOCO-format set, trains the tiny model with Ray Train + DeepSpeed,
+# evaluates it and writes overlays to runs/demo/.
+demo: install
+	$(VENV)/bin/refseg demo --output-dir runs/demo
+
+# The full suite, slow distributed tests included (what CI runs).
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check refseg jobs tune tests bench
+
+clean:
+	rm -rf runs .pytest_cache

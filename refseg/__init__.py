@@ -1,0 +1,1 @@
+"""refseg: referring image segmentation at cluster scale."""

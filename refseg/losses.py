@@ -1,0 +1,45 @@
+"""Segmentation losses (pure functions), always computed in fp32 whatever the autocast dtype.
+
+    loss = refseg_loss(logits (B,1,H,W), target (B,H,W) or (B,1,H,W) in {0,1}, bce_weight=1, dice_weight=1)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _prepare(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (logits, target) as fp32 (B, H*W); accepts (B,H,W) or (B,1,H,W) for either input."""
+    if logits.dim() == 4:
+        if logits.shape[1] != 1:
+            raise ValueError(f"logits must have one channel, got shape {tuple(logits.shape)}.")
+        logits = logits[:, 0]
+    if target.dim() == 4:
+        target = target[:, 0]
+    if logits.shape != target.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match.")
+    return logits.float().flatten(1), target.float().flatten(1)
+
+
+def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy with logits over all pixels (fp32 scalar)."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        x, t = _prepare(logits, target)
+        return F.binary_cross_entropy_with_logits(x, t)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss ``1 - (2|P.T| + eps) / (|P| + |T| + eps)`` per sample, then the mean (fp32 scalar)."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        x, t = _prepare(logits, target)
+        p = torch.sigmoid(x)
+        inter = (p * t).sum(1)
+        dice = (2 * inter + eps) / (p.sum(1) + t.sum(1) + eps)
+        return (1 - dice).mean()
+
+
+def refseg_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 1.0,
+                dice_weight: float = 1.0) -> torch.Tensor:
+    """``bce_weight * BCE + dice_weight * Dice`` on logits (B,1,H,W) vs target (B,[1,]H,W) {0,1}."""
+    return bce_weight * bce_loss(logits, target) + dice_weight * dice_loss(logits, target)

@@ -1,0 +1,66 @@
+"""Mask decoder: progressive 2x upsampling with sentence-gated FPN skips, then a 1x1 logit conv.
+
+    dec = Decoder(in_channels=256, channels=[128, 64, 32, 16], skip_channels=256, sent_dim=256, start_stride=16)
+    logits = dec(fused (B,256,h,w), feats {4: (B,256,4h,4w), 8: ...}, sentence (B,256))  # (B, 1, 16h, 16w)
+
+Stage i works at stride ``start_stride / 2**(i+1)``; when the FPN has that stride (4, 8, 16, 32) its
+feature is projected, multiplied by a sigmoid gate computed from the sentence, and added before the
+stage's convolutions (two convs on skip stages, one elsewhere, to keep full-resolution stages cheap).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from refseg.models.vision import group_norm
+
+
+def conv_block(cin: int, cout: int) -> nn.Sequential:
+    """3x3 conv -> GroupNorm -> ReLU: (B, cin, h, w) -> (B, cout, h, w). GN: batch-size independent."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), group_norm(cout), nn.ReLU(inplace=True))
+
+
+class SkipGate(nn.Module):
+    """FPN skip modulated by the sentence: feat (B, C, h, w), sentence (B, D) -> (B, cout, h, w)."""
+
+    def __init__(self, skip_channels: int, cout: int, sent_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(nn.Conv2d(skip_channels, cout, 1, bias=False), group_norm(cout))
+        self.gate = nn.Linear(sent_dim, cout)
+
+    def forward(self, feat: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
+        return self.proj(feat) * torch.sigmoid(self.gate(sentence))[:, :, None, None]
+
+
+class Decoder(nn.Module):
+    """forward: fused (B, Cin, h, w), feats {stride: (B, Cs, H/stride, W/stride)}, sentence (B, D)
+    -> logits (B, 1, h * 2**len(channels), w * 2**len(channels))."""
+
+    def __init__(self, in_channels: int, channels: list[int], skip_channels: int, sent_dim: int,
+                 start_stride: int = 16, skip_strides: tuple[int, ...] = (4, 8, 16, 32)) -> None:
+        super().__init__()
+        self.strides = [start_stride / 2 ** (i + 1) for i in range(len(channels))]
+        self.skip_keys: list[int | None] = [
+            int(s) if s.is_integer() and int(s) in skip_strides else None for s in self.strides
+        ]
+        self.stages = nn.ModuleList()
+        self.skips = nn.ModuleDict()
+        cin = in_channels
+        for i, (cout, key) in enumerate(zip(channels, self.skip_keys)):
+            if key is not None:
+                self.skips[str(i)] = SkipGate(skip_channels, cin, sent_dim)
+                self.stages.append(nn.Sequential(conv_block(cin, cout), conv_block(cout, cout)))
+            else:
+                self.stages.append(conv_block(cin, cout))
+            cin = cout
+        self.head = nn.Conv2d(cin, 1, 1)
+
+    def forward(self, x: torch.Tensor, feats: dict[int, torch.Tensor], sentence: torch.Tensor) -> torch.Tensor:
+        for i, (stage, key) in enumerate(zip(self.stages, self.skip_keys)):
+            x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)  # (B, C, 2h, 2w)
+            if key is not None:
+                x = x + self.skips[str(i)](feats[key], sentence)
+            x = stage(x)
+        return self.head(x)  # (B, 1, H', W')

@@ -1,0 +1,85 @@
+"""Named model sizes, one small function each (``preset_config(name) -> ModelConfig``).
+
+Approximate parameter counts (``refseg model-info --preset NAME``; pooler-free text encoders):
+
+- ``r101``: ResNet-101 (ImageNet, frozen BN) + ``bert-base-uncased`` (12 x 768) — ~160M
+  (ResNet-101 body 42.5M + BERT-base 108.9M + FPN/LSTM/fusion/decoder ~9M).
+- ``r50``: ResNet-50 + ``google/bert_uncased_L-12_H-512_A-8`` — ~87M. The official BERT
+  miniature with 12 layers of hidden size 512 (same uncased WordPiece vocab as bert-base, trained
+  the same way) keeps BERT's depth but shrinks its width, landing the total on the ~87M target
+  (ResNet-50 body 23.5M + text 53.7M + FPN/LSTM/fusion/decoder ~9M); a truncated bert-base would
+  need a non-standard loading path, whereas this is a plain ``from_pretrained`` checkpoint.
+- ``tiny``: a BasicBlock ResNet [16, 32, 64, 128] + a 2-layer 64-wide random BERT over the bundled
+  409-token vocab (``builtin:tiny_vocab``) — ~0.4M, fast on CPU (tests, debug runs, CPU smoke jobs).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+from refseg.config import DecoderConfig, FusionConfig, ModelConfig, TextConfig, VisionConfig
+
+TINY_TOKENIZER = "builtin:tiny_vocab"  # text.tokenizer value that selects the bundled tiny vocab
+
+
+def tiny_vocab_path() -> Path:
+    """Path of the bundled WordPiece vocabulary (one token per line; [PAD]=0)."""
+    return Path(str(resources.files("refseg.models") / "assets" / "tiny_vocab.txt"))
+
+
+def read_vocab(path: str | Path) -> dict[str, int]:
+    """WordPiece vocab file -> {token: id} (id = line number)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return {tok: i for i, tok in enumerate(lines) if tok}
+
+
+def tiny_vocab_size() -> int:
+    return len(read_vocab(tiny_vocab_path()))
+
+
+def r101() -> ModelConfig:
+    return ModelConfig(
+        preset="r101",
+        dim=256,
+        vision=VisionConfig(backbone="resnet101", weights="IMAGENET1K_V2", norm="frozen_bn", fpn_channels=256),
+        text=TextConfig(encoder="bert-base-uncased", lstm_hidden=128, dim=256),
+        fusion=FusionConfig(num_layers=3, num_heads=8, ffn_dim=1024, level=16),
+        decoder=DecoderConfig(channels=[128, 64, 32, 16]),
+    )
+
+
+def r50() -> ModelConfig:
+    return ModelConfig(
+        preset="r50",
+        dim=256,
+        vision=VisionConfig(backbone="resnet50", weights="IMAGENET1K_V2", norm="frozen_bn", fpn_channels=256),
+        text=TextConfig(encoder="google/bert_uncased_L-12_H-512_A-8", lstm_hidden=128, dim=256),
+        fusion=FusionConfig(num_layers=3, num_heads=8, ffn_dim=1024, level=16),
+        decoder=DecoderConfig(channels=[128, 64, 32, 16]),
+    )
+
+
+def tiny() -> ModelConfig:
+    bert = dict(vocab_size=tiny_vocab_size(), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=128, max_position_embeddings=128, pad_token_id=0)
+    return ModelConfig(
+        preset="tiny",
+        dim=64,
+        vision=VisionConfig(backbone="tiny", weights=None, widths=[16, 32, 64, 128], blocks=[1, 1, 1, 1],
+                            norm="bn", fpn_channels=64),
+        text=TextConfig(encoder="tiny-bert", bert_config=bert, tokenizer=TINY_TOKENIZER, lstm_hidden=32, dim=64),
+        fusion=FusionConfig(num_layers=2, num_heads=4, ffn_dim=128, level=16),
+        decoder=DecoderConfig(channels=[64, 32, 16, 16]),
+    )
+
+
+PRESETS: dict[str, Callable[[], ModelConfig]] = {"r101": r101, "r50": r50, "tiny": tiny}
+
+
+def preset_config(name: str) -> ModelConfig:
+    """A fresh ModelConfig for preset ``name`` (r101 | r50 | tiny)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}.")
+    return PRESETS[name]()

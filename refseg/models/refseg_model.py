@@ -1,0 +1,100 @@
+"""The full referring-segmentation model and its builder.
+
+    model = build_model("tiny")                       # or a ModelConfig, or "r101" / "r50"
+    out = model(image (B,3,H,W), input_ids (B,L), attention_mask (B,L), return_attn=True)
+    out["logits"]   # (B, 1, H, W) mask logits at input resolution
+    out["attn"]     # (B, h, w) language->vision attention heat map in [0, 1] (h = ceil(H / level))
+
+Data flow: ResNet+FPN (strides 4..32) and BERT+BiLSTM -> Fusion on the FPN level ``fusion.level``
+-> Decoder (4 x 2x upsampling with sentence-gated FPN skips) -> logits.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from refseg.config import ModelConfig
+from refseg.models.decoder import Decoder
+from refseg.models.fusion import Fusion
+from refseg.models.presets import preset_config
+from refseg.models.text import TextEncoder, build_bert
+from refseg.models.vision import VisionEncoder
+
+SIZE_DIVISOR = 32  # inputs are zero-padded (bottom/right) to a multiple of this internally
+
+
+class RefSegModel(nn.Module):
+    """Vision encoder + text encoder + fusion + decoder (explicit modules; see :func:`build_model`)."""
+
+    def __init__(self, vision: VisionEncoder, text: TextEncoder, fusion: Fusion, decoder: Decoder, level: int,
+                 config: Optional[ModelConfig] = None) -> None:
+        super().__init__()
+        if level not in (4, 8, 16, 32):
+            raise ValueError(f"fusion.level must be one of 4, 8, 16, 32, got {level}.")
+        self.vision, self.text, self.fusion, self.decoder = vision, text, fusion, decoder
+        self.level = level
+        self.config = config
+
+    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                return_attn: bool = False) -> dict[str, torch.Tensor]:
+        """image (B,3,H,W) float, input_ids (B,L) long, attention_mask (B,L) {0,1} right-padded
+        -> {"logits": (B,1,H,W)} (+ "attn": (B, ceil(H/level), ceil(W/level)) in [0,1])."""
+        H, W = image.shape[-2:]
+        ph, pw = (-H) % SIZE_DIVISOR, (-W) % SIZE_DIVISOR
+        if ph or pw:
+            image = F.pad(image, (0, pw, 0, ph))
+        feats = self.vision(image)  # {stride: (B, C, Hp/stride, Wp/stride)}
+        words, sentence = self.text(input_ids, attention_mask)  # (B, L, Dt), (B, Dt)
+        fused, sent, attn = self.fusion(feats[self.level], words, attention_mask, sentence, return_attn)
+        logits = self.decoder(fused, feats, sent)  # (B, 1, Hp*, Wp*)
+        if logits.shape[-2:] != image.shape[-2:]:
+            logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        out = {"logits": logits[..., :H, :W]}
+        if return_attn:
+            if attn is None:
+                raise ValueError("return_attn=True needs fusion.num_layers >= 1.")
+            out["attn"] = attn[:, : math.ceil(H / self.level), : math.ceil(W / self.level)]
+        return out
+
+    def encoder_parameters(self) -> set[int]:
+        """ids of the ResNet body and BERT parameters (the 'encoder' learning-rate group)."""
+        mods = (self.vision.body, self.text.bert)
+        return {id(p) for m in mods for p in m.parameters()}
+
+    def param_groups(self, lr: float, encoder_lr_mult: float = 0.1, weight_decay: float = 0.0) -> list[dict]:
+        """Optimizer groups: ResNet body + BERT at ``lr * encoder_lr_mult``, the rest at ``lr``;
+        no weight decay on biases and norm weights (every parameter with ndim <= 1).
+        Every trainable parameter appears exactly once; empty groups are dropped."""
+        enc = self.encoder_parameters()
+        groups: dict[str, dict] = {
+            name: {"name": name, "params": [], "lr": lr * (encoder_lr_mult if name.startswith("encoder") else 1.0),
+                   "weight_decay": 0.0 if name.endswith("no_decay") else weight_decay}
+            for name in ("encoder", "encoder_no_decay", "head", "head_no_decay")
+        }
+        for p in self.parameters():
+            if not p.requires_grad:
+                continue
+            name = ("encoder" if id(p) in enc else "head") + ("_no_decay" if p.ndim <= 1 else "")
+            groups[name]["params"].append(p)
+        return [g for g in groups.values() if g["params"]]
+
+
+def build_model(cfg: str | ModelConfig, pretrained: bool = True) -> RefSegModel:
+    """Build a :class:`RefSegModel` from a preset name (r101 | r50 | tiny) or a ModelConfig.
+
+    ``pretrained=False`` skips every download/weight file (random init, same architecture): use it
+    to count parameters offline or before loading a checkpoint.
+    """
+    cfg = preset_config(cfg) if isinstance(cfg, str) else copy.deepcopy(cfg)
+    v, t, f = cfg.vision, cfg.text, cfg.fusion
+    vision = VisionEncoder(v.backbone, v.weights, pretrained, v.widths, v.blocks, v.norm, v.fpn_channels)
+    text = TextEncoder(build_bert(t.encoder, t.bert_config, pretrained), t.lstm_hidden, t.dim, t.freeze_encoder)
+    fusion = Fusion(v.fpn_channels, t.dim, cfg.dim, f.num_layers, f.num_heads, f.ffn_dim, f.dropout)
+    decoder = Decoder(cfg.dim, list(cfg.decoder.channels), v.fpn_channels, cfg.dim, start_stride=f.level)
+    return RefSegModel(vision, text, fusion, decoder, f.level, config=cfg)

@@ -1,0 +1,143 @@
+"""Language encoder: a BERT-family transformer followed by a packed BiLSTM.
+
+    enc = TextEncoder(build_bert("bert-base-uncased", None, pretrained=True), lstm_hidden=128, dim=256)
+    words, sentence = enc(input_ids, attention_mask)   # (B, L, 256) zero at padding, (B, 256)
+
+Padding must be on the right (what BERT tokenizers do); appending PAD tokens leaves the word
+features of real tokens and the sentence feature unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from refseg.config import TextConfig
+from refseg.models.presets import TINY_TOKENIZER, read_vocab, tiny_vocab_path
+
+_MINIATURE = re.compile(r"bert_uncased_L-(\d+)_H-(\d+)_A-(\d+)$")  # google/bert_uncased_L-*_H-*_A-*
+
+
+def _tokenizer_from_vocab(path: Path, max_length: int = 128) -> Any:
+    import inspect
+
+    from transformers import BertTokenizerFast
+
+    params = inspect.signature(BertTokenizerFast.__init__).parameters
+    if "vocab_file" in params:  # transformers 4.x
+        return BertTokenizerFast(vocab_file=str(path), do_lower_case=True, model_max_length=max_length)
+    return BertTokenizerFast(vocab=read_vocab(path), do_lower_case=True, model_max_length=max_length)
+
+
+def load_tokenizer(text_cfg: TextConfig | str) -> Any:
+    """Tokenizer for ``text_cfg`` (source = ``text.tokenizer`` or ``text.encoder``).
+
+    ``"builtin:tiny_vocab"`` -> the bundled tiny vocab; a ``.txt`` file -> a WordPiece vocab file;
+    anything else -> ``AutoTokenizer.from_pretrained`` (hub name or local directory).
+    """
+    source = text_cfg if isinstance(text_cfg, str) else (text_cfg.tokenizer or text_cfg.encoder)
+    if source == TINY_TOKENIZER:
+        return _tokenizer_from_vocab(tiny_vocab_path())
+    if source.endswith(".txt"):
+        if not Path(source).is_file():
+            raise ValueError(f"tokenizer vocab file '{source}' does not exist; pass an existing WordPiece vocab.")
+        return _tokenizer_from_vocab(Path(source))
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except OSError as e:
+        raise ValueError(
+            f"could not load tokenizer '{source}' ({type(e).__name__}); pass a local directory or a hub "
+            "name that is reachable or already cached."
+        ) from None
+
+
+def offline_bert_config(encoder: str) -> Any:
+    """Architecture of ``encoder`` without network access (for random init / checkpoint rebuilds).
+
+    Local directory -> its config.json; ``google/bert_uncased_L-{L}_H-{H}_A-{A}`` -> parsed from the
+    name; a hub name already in the local HF cache -> the cached config; otherwise BERT-base defaults.
+    """
+    from transformers import AutoConfig, BertConfig
+
+    if Path(encoder).is_dir():
+        return AutoConfig.from_pretrained(encoder)
+    m = _MINIATURE.search(encoder)
+    if m:
+        layers, hidden, heads = (int(g) for g in m.groups())
+        return BertConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                          intermediate_size=4 * hidden)
+    try:
+        return AutoConfig.from_pretrained(encoder, local_files_only=True)
+    except (OSError, ValueError):
+        return BertConfig()
+
+
+def build_bert(encoder: str, bert_config: Optional[dict], pretrained: bool) -> nn.Module:
+    """BERT-family encoder without its pooler.
+
+    ``bert_config`` set -> ``BertModel(BertConfig(**bert_config))`` (random init); else ``pretrained``
+    -> ``AutoModel.from_pretrained(encoder)``; else random init of :func:`offline_bert_config`.
+    """
+    from transformers import AutoModel, BertConfig, BertModel
+
+    if bert_config is not None:
+        return BertModel(BertConfig(**bert_config), add_pooling_layer=False)
+    if not pretrained:
+        model = AutoModel.from_config(offline_bert_config(encoder))
+    else:
+        try:
+            model = AutoModel.from_pretrained(encoder)
+        except OSError as e:
+            raise ValueError(
+                f"could not load text encoder '{encoder}' ({type(e).__name__}); pass a local directory or a "
+                "reachable/cached hub name, or build with pretrained=False."
+            ) from None
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None  # unused: we pool with the BiLSTM
+    return model
+
+
+class TextEncoder(nn.Module):
+    """BERT (any HF encoder returning ``last_hidden_state``) + BiLSTM over real tokens only.
+
+    forward: input_ids (B, L) long, attention_mask (B, L) {0,1} right-padded
+      -> words (B, L, dim) (zeros at padding), sentence (B, dim)
+    """
+
+    def __init__(self, bert: nn.Module, lstm_hidden: int = 128, dim: int = 256, freeze_encoder: bool = False) -> None:
+        super().__init__()
+        self.bert = bert
+        self.freeze_encoder = freeze_encoder
+        if freeze_encoder:
+            self.bert.requires_grad_(False)
+        hidden = bert.config.hidden_size
+        self.lstm = nn.LSTM(hidden, lstm_hidden, batch_first=True, bidirectional=True)
+        self.word_proj = nn.Linear(2 * lstm_hidden, dim)
+        self.sent_proj = nn.Linear(2 * lstm_hidden, dim)
+        self.dim = dim
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        super().train(mode)
+        if self.freeze_encoder:
+            self.bert.train(False)  # frozen: no dropout either
+        return self
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, L = input_ids.shape
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, Hb)
+        lengths = attention_mask.sum(1).clamp(min=1).cpu()
+        packed = pack_padded_sequence(hidden, lengths, batch_first=True, enforce_sorted=False)
+        out, (h_n, _) = self.lstm(packed)  # h_n: (2, B, lstm_hidden), final fwd / bwd states
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=L)  # (B, L, 2*lstm_hidden)
+        mask = attention_mask[:, :, None].to(out.dtype)
+        words = self.word_proj(out) * mask  # (B, L, dim)
+        sentence = self.sent_proj(torch.cat([h_n[0], h_n[1]], dim=-1))  # (B, dim)
+        return words, sentence

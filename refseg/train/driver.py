@@ -1,0 +1,210 @@
+"""The training driver: config -> Ray Data datasets -> TorchTrainer(DeepSpeed) -> outputs.
+
+    summary = run_training(cfg, output_dir)          # what `refseg train` and jobs/train.py call
+
+Outputs in ``output_dir``: config.yaml, run.json (Ray run name + storage, for --resume),
+metrics.jsonl, curves.png, model.pt (consolidated fp32 + resolved config), summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+
+from refseg.config import Config, ConfigError
+from refseg.train.report import write_outputs
+
+log = logging.getLogger("refseg.train")
+
+
+def absolutize(cfg: Config) -> Config:
+    """Train V2 workers chdir into a per-run dir: make every local path absolute before fit()."""
+
+    def fix(p: str | None) -> str | None:
+        if p is None or "://" in p:
+            return p
+        return str(Path(p).expanduser().resolve())
+
+    d = cfg.data
+    d.root, d.image_dir, d.parquet, d.manifest = fix(d.root), fix(d.image_dir), fix(d.parquet), fix(d.manifest)
+    cfg.train.storage_path = fix(cfg.train.storage_path)
+    cfg.deepspeed.config_file = fix(cfg.deepspeed.config_file)
+    t = cfg.model.text
+    if t.bert_config is None and Path(t.encoder).expanduser().exists():
+        t.encoder = fix(t.encoder)
+    if t.tokenizer and Path(t.tokenizer).expanduser().exists():
+        t.tokenizer = fix(t.tokenizer)
+    w = cfg.model.vision.weights
+    if w and Path(w).expanduser().exists():
+        cfg.model.vision.weights = fix(w)
+    return cfg
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` / $RAY_ADDRESS when given, else start a fresh local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+
+
+def check_resources(cfg: Config, local: bool) -> None:
+    """Refuse configs that would leave Ray Data without CPUs (a silent hang otherwise)."""
+    import ray
+
+    if local:
+        return
+    total = ray.cluster_resources().get("CPU", 0.0)
+    need = cfg.train.num_workers * cfg.train.cpus_per_worker
+    if need + cfg.data.map_cpus > total + 1e-9:
+        raise ConfigError(
+            f"train.num_workers={cfg.train.num_workers} x train.cpus_per_worker={cfg.train.cpus_per_worker} "
+            f"plus data.map_cpus={cfg.data.map_cpus} needs {need + cfg.data.map_cpus:g} CPUs but the cluster "
+            f"has {total:g}: the data pipeline would starve and the run would hang; lower "
+            "train.cpus_per_worker or train.num_workers, or add nodes"
+        )
+    if cfg.train.use_gpu:
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        if cfg.train.num_workers * cfg.train.gpus_per_worker > gpus + 1e-9:
+            raise ConfigError(
+                f"train.use_gpu=true with {cfg.train.num_workers} workers x {cfg.train.gpus_per_worker} GPU "
+                f"but the cluster has {gpus:g} GPUs; lower train.num_workers or set train.use_gpu=false"
+            )
+
+
+def build_datasets(cfg: Config, world: int) -> tuple[dict, int]:
+    """{"train": refs dataset, "val_<rank>": that rank's share of every val sentence}; train rows."""
+    from refseg.data import build_dataset, count_rows
+
+    data = cfg.data
+    datasets = {"train": build_dataset(data, data.train_split, train=True, tokenizer_source=cfg.model.text)}
+    train_rows = count_rows(data, data.train_split, train=True)
+    if cfg.train.val_every:
+        for r in range(world):
+            datasets[f"val_{r}"] = build_dataset(
+                data, data.val_split, train=False, tokenizer_source=cfg.model.text, shard=(r, world)
+            )
+    return datasets, train_rows
+
+
+def steps_per_epoch(train_rows: int, cfg: Config, world: int) -> int:
+    per_rank = train_rows // world  # streaming_split(equal=True) gives every rank the same rows
+    steps = per_rank // (cfg.train.batch_size * cfg.train.grad_accum)
+    if cfg.train.max_steps_per_epoch:
+        steps = min(steps, cfg.train.max_steps_per_epoch)
+    if steps < 1:
+        raise ConfigError(
+            f"the train split has {train_rows} refs: fewer than one step of {world} worker(s) x "
+            f"train.batch_size={cfg.train.batch_size} x train.grad_accum={cfg.train.grad_accum}; "
+            "lower the batch size or use more data"
+        )
+    return steps
+
+
+def _local_env() -> None:
+    """Ray Train local mode runs in this process: give DeepSpeed a one-rank process group."""
+    import socket
+
+    if os.environ.get("MASTER_PORT"):
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+
+
+def run_training(
+    cfg: Config,
+    output_dir: str | Path,
+    *,
+    resume: bool = False,
+    local: bool = False,
+    address: str | None = None,
+) -> dict:
+    """Train ``cfg`` and write every output into ``output_dir``; returns the summary dict."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from refseg.train.loop import train_loop_per_worker
+
+    t0 = time.time()
+    out = Path(output_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = absolutize(cfg)
+    run_file = out / "run.json"
+    if resume:
+        if not run_file.is_file():
+            raise ConfigError(f"--resume: '{out}' holds no run.json; start the run without --resume first")
+        run = json.loads(run_file.read_text())
+    else:
+        if (out / "summary.json").exists() or run_file.exists():
+            raise ConfigError(
+                f"output dir '{out}' already holds a run; pass --resume to continue it or choose a new --output-dir"
+            )
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run = {
+            "name": cfg.train.name or f"refseg-{stamp}",
+            "storage_path": cfg.train.storage_path or str(out / "ray"),
+        }
+    cfg.save(out / "config.yaml")
+    world = 1 if local else cfg.train.num_workers
+    if not cfg.train.use_gpu and "DS_ACCELERATOR" not in os.environ:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    if cfg.data.synthetic and cfg.data.source == "refer":
+        from refseg.data import ensure_synthetic
+
+        ensure_synthetic(cfg.data.root, cfg.data.synthetic_images, cfg.data.synthetic_seed)
+    init_ray(address)
+    check_resources(cfg, local)
+    datasets, train_rows = build_datasets(cfg, world)
+    spe = steps_per_epoch(train_rows, cfg, world)
+    loop_config = {"config": cfg.to_dict(), "output_dir": str(out), "steps_per_epoch": spe, "local": local}
+    if local:
+        _local_env()
+        ckpts = sorted((out / "checkpoints").glob("epoch_*")) if resume else []
+        if ckpts:
+            loop_config["resume_from"] = str(ckpts[-1])
+    run_file.write_text(json.dumps(run, indent=1))
+
+    cuda = cfg.train.use_gpu
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cuda:
+        resources["GPU"] = cfg.train.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=0 if local else cfg.train.num_workers, use_gpu=cuda,
+            resources_per_worker=None if local else resources,
+        ),
+        run_config=RunConfig(
+            name=run["name"],
+            storage_path=run["storage_path"],
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=max(1, cfg.train.keep_checkpoints),
+                checkpoint_score_attribute="val_oiou" if cfg.train.val_every else None,
+                checkpoint_score_order="max",
+            ),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return write_outputs(cfg, out, result, local=local, steps_per_epoch=spe, wall_s=time.time() - t0)

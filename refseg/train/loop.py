@@ -1,0 +1,265 @@
+"""The per-worker training loop (runs inside each Ray Train worker, or in the driver with --local).
+
+Small helpers in the style of Ray's DeepSpeed example: set up the engine, train one epoch,
+validate, save + report a checkpoint, restore. The driver (``driver.py``) owns Ray and paths.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from refseg.config import Config, config_from_dict
+from refseg.losses import refseg_loss
+from refseg.metrics import SegMetrics
+from refseg.train.ds_config import build_deepspeed_config, lr_lambda
+from refseg.train.report import CKPT_TAG, STATE_FILE
+
+log = logging.getLogger("refseg.train")
+
+
+# ----------------------------------------------------------------------------- setup
+def pick_device(use_gpu: bool) -> torch.device:
+    if use_gpu and torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def setup_engine(cfg: Config, total_steps: int, device: torch.device):
+    """Build the model, AdamW (two LR groups), warmup+poly schedule and the DeepSpeed engine."""
+    import deepspeed
+
+    from refseg.models import build_model
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model, pretrained=True)
+    groups = model.param_groups(cfg.train.lr, cfg.train.encoder_lr_mult, cfg.train.weight_decay)
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999), fused=fused)
+    warmup = cfg.train.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, warmup, cfg.train.poly_power)
+    )
+    ds_config = build_deepspeed_config(cfg.train, cfg.deepspeed, cuda=device.type == "cuda")
+    if device.type == "cuda" and cfg.train.precision != "fp32":
+        model = model.to(memory_format=torch.channels_last)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine, scheduler
+
+
+def engine_dtype(cfg: Config) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+
+
+def to_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Ray Data numpy/torch batch -> (image (B,3,S,S), ids (B,L), attn (B,L), mask (B,S,S))."""
+    image = torch.as_tensor(batch["image"]).to(device, dtype=dtype, non_blocking=True)
+    ids = torch.as_tensor(batch["input_ids"]).to(device, dtype=torch.long, non_blocking=True)
+    attn = torch.as_tensor(batch["attention_mask"]).to(device, dtype=torch.long, non_blocking=True)
+    mask = torch.as_tensor(batch["mask"]).to(device, dtype=torch.float32, non_blocking=True)
+    return image, ids, attn, mask
+
+
+# ----------------------------------------------------------------------------- steps
+def train_epoch(engine, batches: Iterable[dict], cfg: Config, state: dict, ctx: dict) -> dict:
+    """One pass over this worker's shard; returns loss/throughput stats for the epoch."""
+    device, dtype = ctx["device"], ctx["dtype"]
+    engine.train()
+    losses, samples, t0 = [], 0, time.perf_counter()
+    max_micro = (cfg.train.max_steps_per_epoch or 0) * cfg.train.grad_accum
+    micro = 0
+    for batch in batches:
+        image, ids, attn, mask = to_inputs(batch, device, dtype)
+        out = engine(image, ids, attn)
+        loss = refseg_loss(out["logits"], mask, cfg.model.loss.bce_weight, cfg.model.loss.dice_weight)
+        engine.backward(loss)
+        engine.step()
+        micro += 1
+        samples += image.shape[0]
+        losses.append(float(loss.detach()))
+        if micro % cfg.train.grad_accum == 0:
+            state["global_step"] += 1
+            _maybe_fail(cfg, ctx, state["global_step"])
+            if ctx["rank"] == 0 and state["global_step"] % max(1, cfg.train.log_every) == 0:
+                _progress(cfg, state, ctx, micro, losses, samples, time.perf_counter() - t0)
+        if max_micro and micro >= max_micro:
+            break
+    elapsed = time.perf_counter() - t0
+    local = torch.tensor([sum(losses), len(losses), samples], dtype=torch.float64)
+    total = all_reduce_sum(local)
+    return {
+        "loss": float(total[0] / max(1.0, total[1])),
+        "samples": int(total[2]),
+        "samples_per_s": float(total[2]) / max(elapsed, 1e-9),
+        "epoch_time_s": elapsed,
+    }
+
+
+@torch.no_grad()
+def validate(engine, batches: Iterable[dict], ctx: dict) -> dict:
+    """Score this worker's share of the val split; merge exact per-sample states across workers."""
+    engine.eval()
+    metrics = SegMetrics()
+    for batch in batches:
+        image, ids, attn, mask = to_inputs(batch, ctx["device"], ctx["dtype"])
+        logits = engine(image, ids, attn)["logits"][:, 0]
+        metrics.update((logits > 0).cpu().numpy(), (mask > 0.5).cpu().numpy())
+    merged = SegMetrics()
+    for state in all_gather_objects(metrics.state()):
+        merged.merge(SegMetrics.from_state(state))
+    result = merged.compute()
+    out = {
+        "val_oiou": result["oiou"],
+        "val_miou": result["miou"],
+        "val_median_iou": result["median_iou"],
+        "val_dice": result["dice"],
+        "val_samples": result["num_samples"],
+    }
+    for t, v in result["precision_at"].items():
+        out[f"val_prec_{int(round(float(t) * 100))}"] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- collectives
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if _dist_ready() and torch.distributed.get_world_size() > 1:
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def all_gather_objects(obj: Any) -> list:
+    if _dist_ready() and torch.distributed.get_world_size() > 1:
+        out: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(engine, directory: Path, cfg: Config, state: dict, rank: int) -> None:
+    """Every rank writes its ZeRO shard; rank 0 adds the resolved config and the run state."""
+    engine.save_checkpoint(str(directory), tag=CKPT_TAG, client_state={"refseg": dict(state)})
+    if rank == 0:
+        (directory / "config.yaml").write_text(cfg.to_yaml())
+        (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+
+def load_checkpoint(engine, directory: Path) -> dict:
+    """Restore model, optimizer, LR schedule and the refseg run state from a checkpoint dir."""
+    _, client = engine.load_checkpoint(str(directory), tag=CKPT_TAG)
+    if client and "refseg" in client:
+        return dict(client["refseg"])
+    return json.loads((directory / STATE_FILE).read_text())
+
+
+def _maybe_fail(cfg: Config, ctx: dict, step: int) -> None:
+    """Test hook: rank 1 (or 0 with one worker) dies at ``train.fail_at_step`` on the first attempt."""
+    k = cfg.train.fail_at_step
+    if k is None or step != k or ctx["rank"] != min(1, ctx["world"] - 1):
+        return
+    marker = Path(ctx["output_dir"]) / ".fail_injected"
+    if marker.exists():
+        return
+    marker.write_text(str(step))
+    print(f"[refseg] fail_at_step={k}: worker rank {ctx['rank']} exits now (test hook)", flush=True)
+    os._exit(1)
+
+
+def _progress(cfg: Config, state: dict, ctx: dict, micro: int, losses: list, samples: int, dt: float):
+    steps_per_epoch = ctx["steps_per_epoch"]
+    step_in_epoch = micro // cfg.train.grad_accum
+    rate = samples * ctx["world"] / max(dt, 1e-9)
+    eta = (steps_per_epoch - step_in_epoch) * dt / max(step_in_epoch, 1)
+    recent = losses[-cfg.train.log_every * cfg.train.grad_accum :]
+    print(
+        f"[refseg] epoch {state['epoch'] + 1}/{cfg.train.epochs} step {step_in_epoch}/{steps_per_epoch} "
+        f"loss {np.mean(recent):.4f} {rate:.1f} samples/s ETA {eta:.0f}s",
+        flush=True,
+    )
+
+
+# ----------------------------------------------------------------------------- the loop
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train entry point. ``loop_config`` = {config, output_dir, steps_per_epoch, local}."""
+    import ray.train
+
+    cfg = config_from_dict(loop_config["config"])
+    train_ctx = ray.train.get_context()
+    rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
+    if not cfg.train.use_gpu:
+        torch.set_num_threads(max(1, int(math.floor(cfg.train.cpus_per_worker))))
+    device = pick_device(cfg.train.use_gpu)
+    steps_per_epoch = int(loop_config["steps_per_epoch"])
+    engine, scheduler = setup_engine(cfg, steps_per_epoch * cfg.train.epochs, device)
+    ctx = {
+        "rank": rank, "world": world, "device": device, "dtype": engine_dtype(cfg),
+        "output_dir": loop_config["output_dir"], "steps_per_epoch": steps_per_epoch,
+    }
+    local = bool(loop_config.get("local"))
+    state = {"epoch": 0, "global_step": 0, "history": []}
+    restore = ray.train.get_checkpoint()
+    if restore is not None:
+        with restore.as_directory() as d:
+            state = load_checkpoint(engine, Path(d))
+    elif loop_config.get("resume_from"):
+        state = load_checkpoint(engine, Path(loop_config["resume_from"]))
+    if state["epoch"] and rank == 0:
+        print(f"[refseg] resumed at epoch {state['epoch']} step {state['global_step']}", flush=True)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard(f"val_{rank}") if cfg.train.val_every else None
+    iter_kw = {"batch_size": cfg.train.batch_size, "drop_last": True, "prefetch_batches": 2}
+    while state["epoch"] < cfg.train.epochs:
+        epoch = state["epoch"]
+        stats = train_epoch(engine, train_shard.iter_batches(**iter_kw, batch_format="numpy"), cfg, state, ctx)
+        metrics = {"epoch": epoch + 1, "step": state["global_step"], "lr": scheduler.get_last_lr()[-1], **stats}
+        last = epoch + 1 == cfg.train.epochs
+        if val_shard is not None and ((epoch + 1) % cfg.train.val_every == 0 or last):
+            batches = val_shard.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy")
+            metrics.update(validate(engine, batches, ctx))
+        state["epoch"] = epoch + 1
+        state["history"].append(metrics)
+        if rank == 0:
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+            print(f"[refseg] epoch {epoch + 1} done: {shown}", flush=True)
+        if (epoch + 1) % max(1, cfg.train.checkpoint_every) == 0 or last:
+            _checkpoint_and_report(engine, cfg, state, metrics, rank, local, loop_config)
+        else:
+            ray.train.report(metrics)
+
+
+def _checkpoint_and_report(engine, cfg, state, metrics, rank, local, loop_config) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    if local:  # Ray Train local mode keeps only a reference: write a real directory ourselves
+        directory = Path(loop_config["output_dir"]) / "checkpoints" / f"epoch_{state['epoch']:04d}"
+        directory.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(engine, directory, cfg, state, rank)
+        ray.train.report(metrics)
+        return
+    directory = Path(tempfile.mkdtemp(prefix="refseg-ckpt-"))
+    try:
+        save_checkpoint(engine, directory, cfg, state, rank)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(directory)))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

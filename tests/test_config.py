@@ -1,0 +1,92 @@
+import json
+
+import pytest
+
+from refseg.config import Config, ConfigError, config_from_dict, load_config, parse_override
+from refseg.train.ds_config import build_deepspeed_config, lr_lambda
+
+
+def test_defaults_and_yaml_round_trip(tmp_path):
+    cfg = Config()
+    assert cfg.model.fusion.num_layers == 3 and cfg.model.decoder.channels == [128, 64, 32, 16]
+    path = tmp_path / "c.yaml"
+    cfg.save(path)
+    again = load_config(path)
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_overrides_typed():
+    cfg = load_config(None, ["train.lr=2e-4", "model.fusion.num_layers=4", "data.augment=true",
+                             "model.decoder.channels=[64,32,16,8]", "train.max_steps_per_epoch=null"])
+    assert cfg.train.lr == pytest.approx(2e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.model.fusion.num_layers == 4
+    assert cfg.data.augment is True
+    assert cfg.model.decoder.channels == [64, 32, 16, 8]
+    assert cfg.train.max_steps_per_epoch is None
+    # an int where a float is expected is accepted and converted
+    assert load_config(None, ["train.lr=1"]).train.lr == 1.0
+
+
+def test_unknown_key_names_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.lrr'.*did you mean 'lr'"):
+        load_config(None, ["train.lrr=1e-3"])
+    with pytest.raises(ConfigError, match=r"'model.fusion.num_layer'.*'num_layers'"):
+        config_from_dict({"model": {"fusion": {"num_layer": 2}}})
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian'.*'train'"):
+        config_from_dict({"trian": {}})
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError, match=r"'model.fusion.num_layers' expects an integer"):
+        load_config(None, ["model.fusion.num_layers=two"])
+    with pytest.raises(ConfigError, match=r"'data.augment' expects true/false"):
+        load_config(None, ["data.augment=3"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("train.lr")
+
+
+def test_missing_config_file_is_one_sentence(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_preset_seeds_model_section_then_overrides_apply():
+    cfg = config_from_dict({"model": {"preset": "tiny", "fusion": {"num_layers": 1}}})
+    assert cfg.model.preset == "tiny"
+    assert cfg.model.text.bert_config is not None  # from the tiny preset
+    assert cfg.model.fusion.num_layers == 1  # the override wins
+
+
+def test_shipped_configs_load():
+    for name in ("debug", "refcoco_r101", "refcoco_r50"):
+        cfg = load_config(f"configs/{name}.yaml")
+        assert cfg.model.preset in ("tiny", "r101", "r50")
+    assert load_config("configs/refcoco_r101.yaml").train.lr == pytest.approx(1e-4)
+
+
+def test_deepspeed_config(tmp_path):
+    cfg = load_config(None, ["train.precision=bf16", "deepspeed.zero_stage=3", "train.grad_accum=2"])
+    ds = build_deepspeed_config(cfg.train, cfg.deepspeed, cuda=False)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == cfg.train.grad_clip
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        build_deepspeed_config(load_config(None, ["train.precision=fp16"]).train, cfg.deepspeed, cuda=False)
+    assert build_deepspeed_config(load_config(None, ["train.precision=fp16"]).train, cfg.deepspeed,
+                                  cuda=True)["fp16"]["loss_scale"] == 0
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": 123}}))
+    cfg.deepspeed.config_file = str(f)
+    merged = build_deepspeed_config(cfg.train, cfg.deepspeed, cuda=False)
+    assert merged["zero_optimization"]["reduce_bucket_size"] == 123
+    cfg.deepspeed.zero_stage = 2
+    with pytest.raises(ConfigError, match="sets ZeRO stage 3"):
+        build_deepspeed_config(cfg.train, cfg.deepspeed, cuda=False)
+
+
+def test_lr_schedule_warmup_then_poly():
+    f = lr_lambda(total_steps=100, warmup_steps=10, power=0.9)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx((1 - 45 / 90) ** 0.9)
+    assert f(100) == 0.0
+    assert all(f(i) >= f(i + 1) for i in range(10, 100))
