@@ -113,9 +113,16 @@ class SegMetrics:
         keys: Any | None = None,
     ) -> None:
         """Add samples from per-sample area arrays (equal length, pixels)."""
-        cols = [np.atleast_1d(_as_numpy(v)).astype(np.int64).ravel() for v in (intersection, union, pred_area, gt_area)]
+        cols = [
+            np.atleast_1d(_as_numpy(v)).astype(np.int64).ravel()
+            for v in (intersection, union, pred_area, gt_area)
+        ]
         n = len(cols[0])
-        key = np.full(n, -1, dtype=np.int64) if keys is None else np.atleast_1d(_as_numpy(keys)).astype(np.int64).ravel()
+        key = (
+            np.full(n, -1, dtype=np.int64)
+            if keys is None
+            else np.atleast_1d(_as_numpy(keys)).astype(np.int64).ravel()
+        )
         if any(len(c) != n for c in cols) or len(key) != n:
             raise ValueError("intersection, union, pred_area, gt_area (and keys) must have equal lengths")
         if np.any(cols[0] > np.minimum(cols[2], cols[3])) or np.any(cols[1] != cols[2] + cols[3] - cols[0]):

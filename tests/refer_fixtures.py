@@ -63,8 +63,10 @@ def _segmentation(kind: int, h: int, w: int) -> tuple[object, int]:
     if kind == 0:
         return [[2.0, 2.0, w - 3.0, 4.0, w / 2.0, h - 3.0]], 0
     if kind == 1:
-        return [[1.0, 1.0, 10.0, 1.0, 10.0, 8.0, 1.0, 8.0], [w - 12.0, h - 10.0, w - 2.0, h - 10.0,
-                                                          w - 2.0, h - 2.0, w - 12.0, h - 2.0]], 0
+        return [
+            [1.0, 1.0, 10.0, 1.0, 10.0, 8.0, 1.0, 8.0],
+            [w - 12.0, h - 10.0, w - 2.0, h - 10.0, w - 2.0, h - 2.0, w - 12.0, h - 2.0],
+        ], 0
     yy, xx = np.mgrid[:h, :w]
     disc = (((yy - h / 2) ** 2 + (xx - w / 3) ** 2) <= (min(h, w) / 3) ** 2).astype(np.uint8)
     if kind == 2:
@@ -83,15 +85,31 @@ def _annotation(ann_id: int, image_id: int, seg: object, iscrowd: int, h: int, w
         rle = mask_utils.merge(mask_utils.frPyObjects(parts, h, w)) if parts else None
     area = float(mask_utils.area(rle)) if rle is not None else 0.0
     bbox = [float(v) for v in mask_utils.toBbox(rle)] if rle is not None else [0.0, 0.0, 0.0, 0.0]
-    return {"id": ann_id, "image_id": image_id, "category_id": 1 + ann_id % 3, "segmentation": seg,
-            "area": area, "bbox": bbox, "iscrowd": iscrowd}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": 1 + ann_id % 3,
+        "segmentation": seg,
+        "area": area,
+        "bbox": bbox,
+        "iscrowd": iscrowd,
+    }
 
 
 def _ref(ref_id: int, ann_id: int, image_id: int, split: str, sentences: list[str], next_sent: int) -> dict:
-    sents = [{"sent_id": next_sent + j, "sent": s, "raw": s, "tokens": s.split()} for j, s in enumerate(sentences)]
-    return {"ref_id": ref_id, "ann_id": ann_id, "image_id": image_id, "category_id": 1 + ann_id % 3,
-            "split": split, "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg",
-            "sent_ids": [s["sent_id"] for s in sents], "sentences": sents}
+    sents = [
+        {"sent_id": next_sent + j, "sent": s, "raw": s, "tokens": s.split()} for j, s in enumerate(sentences)
+    ]
+    return {
+        "ref_id": ref_id,
+        "ann_id": ann_id,
+        "image_id": image_id,
+        "category_id": 1 + ann_id % 3,
+        "split": split,
+        "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg",
+        "sent_ids": [s["sent_id"] for s in sents],
+        "sentences": sents,
+    }
 
 
 def write_refer_set(
@@ -135,7 +153,9 @@ def write_refer_set(
         expected["ann_kinds"][ann_id] = kinds.get(i, "polygon")
         split = splits[i % len(splits)]
         n = SENTENCE_COUNTS[i % len(SENTENCE_COUNTS)]
-        sentences = [f"{WORDS[(i + j) % len(WORDS)]} {WORDS[(i + 2 * j + 3) % len(WORDS)]} {j}" for j in range(n)]
+        sentences = [
+            f"{WORDS[(i + j) % len(WORDS)]} {WORDS[(i + 2 * j + 3) % len(WORDS)]} {j}" for j in range(n)
+        ]
         refs.append(_ref(i, ann_id, image_id, split, sentences, next_sent))
         next_sent += n
         expected["refs"][split] = expected["refs"].get(split, 0) + 1
@@ -144,10 +164,15 @@ def write_refer_set(
     if bad_samples:
         next_sent = _add_bad_samples(imgs, anns, refs, image_dir, splits[0], next_sent, rng, expected)
 
-    (ds_dir / "instances.json").write_text(json.dumps({
-        "images": imgs, "annotations": anns,
-        "categories": [{"id": c, "name": f"cat{c}", "supercategory": "thing"} for c in (1, 2, 3)],
-    }))
+    (ds_dir / "instances.json").write_text(
+        json.dumps(
+            {
+                "images": imgs,
+                "annotations": anns,
+                "categories": [{"id": c, "name": f"cat{c}", "supercategory": "thing"} for c in (1, 2, 3)],
+            }
+        )
+    )
     with open(ds_dir / f"refs({split_by}).p", "wb") as f:
         pickle.dump(refs, f, protocol=2)
     expected.update(root=root, image_dir=image_dir, dataset_dir=ds_dir)
@@ -163,7 +188,9 @@ def _add_bad_samples(imgs, anns, refs, image_dir, split, next_sent, rng, expecte
     next_sent += 2
     skipped["missing annotation"] = 2
     # 2) a whitespace-only sentence next to a good one (1 skipped, 1 kept)
-    refs.append(_ref(base_ref + 1, anns[0]["id"], anns[0]["image_id"], split, ["   ", "the left one"], next_sent))
+    refs.append(
+        _ref(base_ref + 1, anns[0]["id"], anns[0]["image_id"], split, ["   ", "the left one"], next_sent)
+    )
     next_sent += 2
     skipped["empty sentence"] = 1
     expected["refs"][split] = expected["refs"].get(split, 0) + 1
@@ -198,8 +225,17 @@ def write_tampered_pickle(path: str | Path, marker_file: str | Path) -> Path:
     """A refs pickle that looks normal but whose plain ``pickle.load`` would create ``marker_file``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    refs = [{"ref_id": 0, "ann_id": 1, "image_id": 1, "split": "train", "category_id": 1,
-             "sentences": [{"sent_id": 0, "sent": "x"}], "payload": _WriteMarker(os.fspath(marker_file))}]
+    refs = [
+        {
+            "ref_id": 0,
+            "ann_id": 1,
+            "image_id": 1,
+            "split": "train",
+            "category_id": 1,
+            "sentences": [{"sent_id": 0, "sent": "x"}],
+            "payload": _WriteMarker(os.fspath(marker_file)),
+        }
+    ]
     with open(path, "wb") as f:
         pickle.dump(refs, f, protocol=2)
     return path

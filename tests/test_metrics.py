@@ -67,7 +67,11 @@ def test_update_matches_add():
     m = SegMetrics()
     m.update(pred, gt)
     assert {k: v.tolist() for k, v in m.state().items()} == {
-        "intersection": [2], "union": [14], "pred_area": [8], "gt_area": [8], "key": [-1]
+        "intersection": [2],
+        "union": [14],
+        "pred_area": [8],
+        "gt_area": [8],
+        "key": [-1],
     }
     assert m.compute()["oiou"] == 2 / 14
 

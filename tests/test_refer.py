@@ -18,8 +18,20 @@ from refseg.data.errors import RefSegDataError, SkipReport
 from refseg.data.masks import decode_mask, encode_rle, polygon_area_ok, rle_to_mask, segmentation_problem
 from refseg.data.refer import load_split, load_split_refs, read_refs, split_matches
 
-RECORD_FIELDS = {"ref_id", "sent_id", "ann_id", "image_id", "image_path", "sentence", "category_id",
-                 "height", "width", "split", "segmentation", "bbox"}
+RECORD_FIELDS = {
+    "ref_id",
+    "sent_id",
+    "ann_id",
+    "image_id",
+    "image_path",
+    "sentence",
+    "category_id",
+    "height",
+    "width",
+    "split",
+    "segmentation",
+    "bbox",
+}
 
 
 @pytest.fixture
@@ -43,8 +55,9 @@ def test_counts_per_split_unc(refcoco):
 
 def test_test_matches_every_split_containing_test(tmp_path):
     # refcocog/umd-style set whose split names are train, val, test and testB
-    exp = write_refer_set(tmp_path, images=8, dataset="refcocog", split_by="umd",
-                          splits=("train", "val", "test", "testB"))
+    exp = write_refer_set(
+        tmp_path, images=8, dataset="refcocog", split_by="umd", splits=("train", "val", "test", "testB")
+    )
     load = lambda split: load_split(tmp_path, "refcocog", "umd", split)
     # i: split (sentences) = 0 train (2), 1 val (3), 2 test (1), 3 testB (2),
     #                        4 train (3), 5 val (1), 6 test (2), 7 testB (3)
@@ -75,8 +88,10 @@ def test_records_have_all_fields(refcoco):
         with Image.open(r["image_path"]) as im:
             assert im.size == (r["width"], r["height"])
         assert len(r["bbox"]) == 4 and r["split"] == "train"
-        assert all(isinstance(r[k], int) for k in ("ref_id", "sent_id", "ann_id", "image_id",
-                                                   "category_id", "height", "width"))
+        assert all(
+            isinstance(r[k], int)
+            for k in ("ref_id", "sent_id", "ann_id", "image_id", "category_id", "height", "width")
+        )
     refs = load_split_refs(refcoco["root"], "refcoco", "unc", "train")
     assert [len(r["sentences"]) for r in refs] == [2, 3]
     assert set(refs[0]) == (RECORD_FIELDS - {"sent_id", "sentence"}) | {"sentences"}
@@ -85,7 +100,8 @@ def test_records_have_all_fields(refcoco):
 
 def test_grayscale_and_cmyk_images_are_listed(refcoco):
     records = load_split(refcoco["root"], "refcoco", "unc", "val") + load_split(
-        refcoco["root"], "refcoco", "unc", "testA")
+        refcoco["root"], "refcoco", "unc", "testA"
+    )
     modes = set()
     for r in records:
         with Image.open(r["image_path"]) as im:
@@ -104,8 +120,11 @@ def _direct_mask(seg, h, w) -> np.ndarray:
 
 
 def test_masks_equal_direct_pycocotools(refcoco):
-    records = [r for s in ("train", "val", "testA", "testB")
-               for r in load_split(refcoco["root"], "refcoco", "unc", s)]
+    records = [
+        r
+        for s in ("train", "val", "testA", "testB")
+        for r in load_split(refcoco["root"], "refcoco", "unc", s)
+    ]
     seen = set()
     for r in records:
         mask = decode_mask(r)
@@ -127,7 +146,9 @@ def test_multipart_overlap_is_binary():
     # two overlapping squares: refer's sum over parts would give 2 in the overlap; we keep {0,1}
     seg = [[0, 0, 6, 0, 6, 6, 0, 6], [3, 3, 9, 3, 9, 9, 3, 9]]
     m = decode_mask(seg, 10, 10)
-    assert m.max() == 1 and m.sum() == int(mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(seg, 10, 10))))
+    assert m.max() == 1 and m.sum() == int(
+        mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(seg, 10, 10)))
+    )
     with pytest.raises(ValueError, match="height and width"):
         decode_mask(seg)
 
@@ -162,7 +183,7 @@ def test_tampered_pickle_is_refused_without_running_code(refcoco, tmp_path):
 
 def test_python2_byte_strings_are_read(tmp_path):
     # protocol-2 pickle as Python 2 writes it: [{'sent': 'caf\xc3\xa9' (a py2 str), 'ref_id': 1}]
-    data = (b"\x80\x02]q\x00}q\x01(U\x04sentq\x02U\x05caf\xc3\xa9q\x03U\x06ref_idq\x04K\x01ua.")
+    data = b"\x80\x02]q\x00}q\x01(U\x04sentq\x02U\x05caf\xc3\xa9q\x03U\x06ref_idq\x04K\x01ua."
     path = tmp_path / "refs(unc).p"
     path.write_bytes(data)
     assert read_refs(path) == [{"sent": "café", "ref_id": 1}]
@@ -209,8 +230,16 @@ def test_skipped_samples_are_counted_by_reason(tmp_path, caplog):
     report = SkipReport()
     with caplog.at_level(logging.INFO, logger="refseg.data"):
         records = load_split(tmp_path, "refcoco", "unc", "train", report=report)
-    assert dict(report.counts) == exp["skipped"] == {
-        "missing annotation": 2, "empty sentence": 1, "zero-area segmentation": 1, "missing image file": 3}
+    assert (
+        dict(report.counts)
+        == exp["skipped"]
+        == {
+            "missing annotation": 2,
+            "empty sentence": 1,
+            "zero-area segmentation": 1,
+            "missing image file": 3,
+        }
+    )
     assert report.total == 7
     assert len(records) == exp["samples"]["train"] == 5 + 1  # the good sentence beside the empty one
     assert "the left one" in {r["sentence"] for r in records}

@@ -31,7 +31,17 @@ _EXPORTS = {
     "model_info": "refseg.models.info",
     "format_model_info": "refseg.models.info",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "PRESETS",
+    "RefSegModel",
+    "build_model",
+    "format_model_info",
+    "load_model",
+    "load_tokenizer",
+    "model_info",
+    "preset_config",
+    "save_model",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -54,7 +54,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Re
     if not path.is_file():
         raise FileNotFoundError(f"model file '{path}' does not exist; pass the model.pt written by save_model.")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt/foreign files: one clear sentence
         raise ValueError(f"model file '{path}' could not be read ({type(e).__name__}); is it a refseg model.pt?") from None
     if not isinstance(payload, dict) or "model_config" not in payload or "state_dict" not in payload:

@@ -10,8 +10,6 @@ CRIS) so that words such as "left" or "bottom" can be grounded.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,8 +33,8 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, key_mask: Optional[torch.Tensor] = None,
-                need_weights: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, key_mask: torch.Tensor | None = None,
+                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, Nq, D = x.shape
         Nk, H = ctx.shape[1], self.num_heads
         q = self.q(x).view(B, Nq, H, D // H).transpose(1, 2)  # (B, H, Nq, Dh)
@@ -81,7 +79,7 @@ class FusionLayer(nn.Module):
         self.ffn_w = FeedForward(dim, ffn_dim, dropout)
 
     def forward(self, v: torch.Tensor, w: torch.Tensor, word_mask: torch.Tensor,
-                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         nv, nw = self.norm_v(v), self.norm_w(w)
         dv, _ = self.v2l(nv, nw, key_mask=word_mask)
         dw, weights = self.l2v(nw, nv, need_weights=need_weights)
@@ -103,6 +101,9 @@ def coord_channels(B: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
 class Fusion(nn.Module):
     """FiLM (by the sentence) of the coordinate-augmented vision map, then ``num_layers`` FusionLayers.
 
+    The returned sentence feature adds the mean of the fused word tokens, so every parameter
+    (including the last layer's word branch) reaches the output -- no unused parameters under DDP.
+
     forward: vis (B, C, h, w), words (B, L, Dw), word_mask (B, L) {0,1}, sentence (B, Dw)
       -> fused (B, dim, h, w), sentence (B, dim), attn heat map (B, h, w) in [0,1] or None.
     """
@@ -120,7 +121,7 @@ class Fusion(nn.Module):
         self.norm_out = nn.LayerNorm(dim)
 
     def forward(self, vis: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor, sentence: torch.Tensor,
-                return_attn: bool = False) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+                return_attn: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         B, _, h, w = vis.shape
         keep = word_mask.bool()  # (B, L)
         sentence = self.sent_proj(sentence)  # (B, D)
@@ -133,6 +134,8 @@ class Fusion(nn.Module):
         for i, layer in enumerate(self.layers):
             v, t, weights = layer(v, t, keep, need_weights=return_attn and i == len(self.layers) - 1)
         fused = self.norm_out(v).transpose(1, 2).reshape(B, -1, h, w)  # (B, D, h, w)
+        m = keep[..., None].to(t.dtype)
+        sentence = sentence + (t * m).sum(1) / m.sum(1).clamp(min=1)  # + mean of the fused real words
         attn = None
         if weights is not None:
             a = weights.float().mean(1)  # (B, L, N), average over heads

@@ -6,14 +6,13 @@
     out["attn"]     # (B, h, w) language->vision attention heat map in [0, 1] (h = ceil(H / level))
 
 Data flow: ResNet+FPN (strides 4..32) and BERT+BiLSTM -> Fusion on the FPN level ``fusion.level``
--> Decoder (4 x 2x upsampling with sentence-gated FPN skips) -> logits.
+(+ the coarser levels upsampled) -> Decoder (4 x 2x upsampling with sentence-gated FPN skips) -> logits.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +32,7 @@ class RefSegModel(nn.Module):
     """Vision encoder + text encoder + fusion + decoder (explicit modules; see :func:`build_model`)."""
 
     def __init__(self, vision: VisionEncoder, text: TextEncoder, fusion: Fusion, decoder: Decoder, level: int,
-                 config: Optional[ModelConfig] = None) -> None:
+                 config: ModelConfig | None = None) -> None:
         super().__init__()
         if level not in (4, 8, 16, 32):
             raise ValueError(f"fusion.level must be one of 4, 8, 16, 32, got {level}.")
@@ -51,7 +50,7 @@ class RefSegModel(nn.Module):
             image = F.pad(image, (0, pw, 0, ph))
         feats = self.vision(image)  # {stride: (B, C, Hp/stride, Wp/stride)}
         words, sentence = self.text(input_ids, attention_mask)  # (B, L, Dt), (B, Dt)
-        fused, sent, attn = self.fusion(feats[self.level], words, attention_mask, sentence, return_attn)
+        fused, sent, attn = self.fusion(self._fusion_input(feats), words, attention_mask, sentence, return_attn)
         logits = self.decoder(fused, feats, sent)  # (B, 1, Hp*, Wp*)
         if logits.shape[-2:] != image.shape[-2:]:
             logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
@@ -61,6 +60,15 @@ class RefSegModel(nn.Module):
                 raise ValueError("return_attn=True needs fusion.num_layers >= 1.")
             out["attn"] = attn[:, : math.ceil(H / self.level), : math.ceil(W / self.level)]
         return out
+
+    def _fusion_input(self, feats: dict[int, torch.Tensor]) -> torch.Tensor:
+        """FPN level ``self.level`` plus every coarser level upsampled to it: (B, C, H/level, W/level).
+        (Finer levels feed the decoder's skips, so every FPN output is used.)"""
+        x = feats[self.level]
+        for stride, f in feats.items():
+            if stride > self.level:
+                x = x + F.interpolate(f, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return x
 
     def encoder_parameters(self) -> set[int]:
         """ids of the ResNet body and BERT parameters (the 'encoder' learning-rate group)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,7 +79,7 @@ def offline_bert_config(encoder: str) -> Any:
         return BertConfig()
 
 
-def build_bert(encoder: str, bert_config: Optional[dict], pretrained: bool) -> nn.Module:
+def build_bert(encoder: str, bert_config: dict | None, pretrained: bool) -> nn.Module:
     """BERT-family encoder without its pooler.
 
     ``bert_config`` set -> ``BertModel(BertConfig(**bert_config))`` (random init); else ``pretrained``
@@ -123,14 +123,14 @@ class TextEncoder(nn.Module):
         self.sent_proj = nn.Linear(2 * lstm_hidden, dim)
         self.dim = dim
 
-    def train(self, mode: bool = True) -> "TextEncoder":
+    def train(self, mode: bool = True) -> TextEncoder:
         super().train(mode)
         if self.freeze_encoder:
             self.bert.train(False)  # frozen: no dropout either
         return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        B, L = input_ids.shape
+        L = input_ids.shape[1]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
             hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, Hb)
         lengths = attention_mask.sum(1).clamp(min=1).cpu()

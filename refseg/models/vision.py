@@ -9,8 +9,8 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import torchvision
@@ -53,7 +53,7 @@ def _is_weights_file(weights: str) -> bool:
     return weights.endswith((".pt", ".pth"))
 
 
-def check_weights(backbone: str, weights: Optional[str]) -> None:
+def check_weights(backbone: str, weights: str | None) -> None:
     """Validate the *form* of ``vision.weights`` (without loading anything); ValueError if bad."""
     if weights is None or _is_weights_file(weights):
         return
@@ -76,18 +76,21 @@ def check_weights(backbone: str, weights: Optional[str]) -> None:
 class TinyResNet(nn.Module):
     """A small ResNet of torchvision BasicBlocks: stem (stride 4) + 4 stages (strides 4, 8, 16, 32).
 
-    Exposes the same attribute names as torchvision's ResNet (conv1, bn1, layer1..layer4), so
-    :class:`VisionEncoder` treats both alike.
+    The stem is two stride-2 3x3 convs (instead of ResNet's 7x7 conv + max-pool: ~5x cheaper on CPU).
+
+    Exposes ``stem`` and ``layer1..layer4``; torchvision ResNets use conv1/bn1/relu/maxpool instead of ``stem``.
     """
 
     def __init__(self, widths: list[int], blocks: list[int], norm: Callable[[int], nn.Module]) -> None:
         super().__init__()
         if len(widths) != 4 or len(blocks) != 4:
             raise ValueError(f"vision.widths and vision.blocks need 4 entries each, got {widths} and {blocks}.")
-        self.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = norm(widths[0])
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        half = max(8, widths[0] // 2)
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, half, kernel_size=3, stride=2, padding=1, bias=False), norm(half), nn.ReLU(inplace=True),
+            nn.Conv2d(half, widths[0], kernel_size=3, stride=2, padding=1, bias=False), norm(widths[0]),
+            nn.ReLU(inplace=True),
+        )
         inplanes = widths[0]
         for i, (width, n) in enumerate(zip(widths, blocks)):
             stride = 1 if i == 0 else 2
@@ -108,7 +111,12 @@ def _load_weights_file(body: nn.Module, path: str) -> None:
     file = Path(path).expanduser()
     if not file.is_file():
         raise ValueError(f"vision.weights file '{path}' does not exist; pass an existing .pt/.pth state dict.")
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - corrupt or foreign file: one clear sentence
+        raise ValueError(f"vision.weights file '{path}' could not be read as a state dict ({type(e).__name__}).") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"vision.weights file '{path}' does not hold a state dict (a mapping of tensors).")  # noqa: TRY004
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -128,7 +136,7 @@ def _load_body_state(body: nn.Module, state: dict, source: str) -> None:
         )
 
 
-def build_body(backbone: str, weights: Optional[str], pretrained: bool, widths: list[int],
+def build_body(backbone: str, weights: str | None, pretrained: bool, widths: list[int],
                blocks: list[int], norm: str) -> tuple[nn.Module, list[int]]:
     """Return (ResNet body without avgpool/fc, channels of layer1..layer4)."""
     if backbone not in BACKBONES:
@@ -148,7 +156,14 @@ def build_body(backbone: str, weights: Optional[str], pretrained: bool, widths: 
             _load_weights_file(body, weights)
         else:
             w = torchvision.models.get_weight(f"{_TV_WEIGHT_ENUMS[backbone]}.{weights}")
-            _load_body_state(body, w.get_state_dict(progress=False), f"torchvision {w}")
+            try:
+                state = w.get_state_dict(progress=False)
+            except OSError as e:  # offline: URLError is an OSError
+                raise ValueError(
+                    f"could not fetch torchvision weights {w} ({type(e).__name__}); put the file in "
+                    "$TORCH_HOME/hub/checkpoints, pass a local .pt/.pth state dict, or set vision.weights=null."
+                ) from None
+            _load_body_state(body, state, f"torchvision {w}")
     return body, channels
 
 
@@ -159,8 +174,8 @@ class VisionEncoder(nn.Module):
     with C = ``fpn_channels``. ``self.body`` holds the (possibly pretrained) ResNet parameters.
     """
 
-    def __init__(self, backbone: str = "resnet101", weights: Optional[str] = None, pretrained: bool = True,
-                 widths: Optional[list[int]] = None, blocks: Optional[list[int]] = None, norm: str = "frozen_bn",
+    def __init__(self, backbone: str = "resnet101", weights: str | None = None, pretrained: bool = True,
+                 widths: list[int] | None = None, blocks: list[int] | None = None, norm: str = "frozen_bn",
                  fpn_channels: int = 256) -> None:
         super().__init__()
         self.body, self.channels = build_body(
@@ -171,7 +186,10 @@ class VisionEncoder(nn.Module):
 
     def forward(self, image: torch.Tensor) -> dict[int, torch.Tensor]:
         b = self.body
-        x = b.maxpool(b.relu(b.bn1(b.conv1(image))))  # (B, C0, H/4, W/4)
+        if isinstance(b, TinyResNet):
+            x = b.stem(image)  # (B, C0, H/4, W/4)
+        else:
+            x = b.maxpool(b.relu(b.bn1(b.conv1(image))))  # (B, C0, H/4, W/4)
         feats = OrderedDict()
         for stride, layer in zip(STRIDES, (b.layer1, b.layer2, b.layer3, b.layer4)):
             x = layer(x)

@@ -83,11 +83,11 @@ def check_resources(cfg: Config, local: bool) -> None:
 
 def build_datasets(cfg: Config, world: int) -> tuple[dict, int]:
     """{"train": refs dataset, "val_<rank>": that rank's share of every val sentence}; train rows."""
-    from refseg.data import build_dataset, count_rows
+    from refseg.data import build_dataset, count_refs
 
     data = cfg.data
     datasets = {"train": build_dataset(data, data.train_split, train=True, tokenizer_source=cfg.model.text)}
-    train_rows = count_rows(data, data.train_split, train=True)
+    train_rows = count_refs(data, data.train_split)
     if cfg.train.val_every:
         for r in range(world):
             datasets[f"val_{r}"] = build_dataset(
@@ -132,6 +132,7 @@ def run_training(
     resume: bool = False,
     local: bool = False,
     address: str | None = None,
+    probe_path: str | None = None,
 ) -> dict:
     """Train ``cfg`` and write every output into ``output_dir``; returns the summary dict."""
     import ray.train
@@ -171,7 +172,8 @@ def run_training(
     check_resources(cfg, local)
     datasets, train_rows = build_datasets(cfg, world)
     spe = steps_per_epoch(train_rows, cfg, world)
-    loop_config = {"config": cfg.to_dict(), "output_dir": str(out), "steps_per_epoch": spe, "local": local}
+    loop_config = {"config": cfg.to_dict(), "output_dir": str(out), "steps_per_epoch": spe, "local": local,
+                   "probe_path": probe_path}
     if local:
         _local_env()
         ckpts = sorted((out / "checkpoints").glob("epoch_*")) if resume else []

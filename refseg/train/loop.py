@@ -231,7 +231,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     while state["epoch"] < cfg.train.epochs:
         epoch = state["epoch"]
         stats = train_epoch(engine, train_shard.iter_batches(**iter_kw, batch_format="numpy"), cfg, state, ctx)
-        metrics = {"epoch": epoch + 1, "step": state["global_step"], "lr": scheduler.get_last_lr()[-1], **stats}
+        metrics = {"epoch": epoch + 1, "step": state["global_step"], "lr": max(scheduler.get_last_lr()), **stats}
         last = epoch + 1 == cfg.train.epochs
         if val_shard is not None and ((epoch + 1) % cfg.train.val_every == 0 or last):
             batches = val_shard.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy")
@@ -241,10 +241,33 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
             print(f"[refseg] epoch {epoch + 1} done: {shown}", flush=True)
+        if last and loop_config.get("probe_path"):
+            _write_probe(engine, cfg, ctx, loop_config["probe_path"])
         if (epoch + 1) % max(1, cfg.train.checkpoint_every) == 0 or last:
             _checkpoint_and_report(engine, cfg, state, metrics, rank, local, loop_config)
         else:
             ray.train.report(metrics)
+
+
+def probe_inputs(cfg: Config, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fixed input batch for parity checks (engine vs exported model)."""
+    g = torch.Generator().manual_seed(1234)
+    size, length = cfg.data.image_size, cfg.data.max_tokens
+    image = torch.randn(batch, 3, size, size, generator=g)
+    ids = torch.randint(5, 100, (batch, length), generator=g)
+    attn = torch.ones(batch, length, dtype=torch.long)
+    attn[0, length // 2 :] = 0
+    return image, ids, attn
+
+
+@torch.no_grad()
+def _write_probe(engine, cfg: Config, ctx: dict, path: str) -> None:
+    """Every rank runs the forward (ZeRO-3 gathers parameters collectively); rank 0 saves logits."""
+    engine.eval()
+    image, ids, attn = probe_inputs(cfg)
+    logits = engine(image.to(ctx["device"], ctx["dtype"]), ids.to(ctx["device"]), attn.to(ctx["device"]))["logits"]
+    if ctx["rank"] == 0:
+        torch.save(logits.float().cpu(), path)
 
 
 def _checkpoint_and_report(engine, cfg, state, metrics, rank, local, loop_config) -> None:

@@ -1,0 +1,108 @@
+"""The inference verbs of ``refseg``: evaluate, segment, export-onnx (``add_verbs(subparsers)``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+SEGMENT_EPILOG = """\
+manifest rows (JSON Lines or CSV with a header): {"id": "a1", "image": "imgs/a1.jpg", "text": "the red car"}
+  image: local path (relative to the manifest's directory) or a URI pyarrow can read (s3://, gs://, ...)
+outputs: OUT/masks/<id>.png, OUT/overlays/<id>.png (--overlays), OUT/results.jsonl, OUT/errors.jsonl
+re-running with the same --output skips ids already in results.jsonl.
+
+exit status:
+  0  every row was segmented (or had been in an earlier run)
+  2  a usage error (missing manifest or checkpoint, bad option); nothing was segmented
+  3  some rows failed: each is a line of OUT/errors.jsonl (line, id, reason); good rows are done
+"""
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from refseg.infer.evaluate import evaluate, format_summary
+
+    m = evaluate(a.checkpoint, a.data_root, a.dataset, a.split_by, a.split, image_dir=a.image_dir,
+                 workers=a.workers, batch_size=a.batch_size, threshold=a.threshold, save_masks=a.save_masks,
+                 at_train_res=a.at_train_res, output=a.output, address=a.address)
+    print(format_summary(m))
+    print(f"wrote {a.output}/metrics.json and per_sample.jsonl")
+    return 0
+
+
+def cmd_segment(a: argparse.Namespace) -> int:
+    from refseg.infer.segment import format_summary, segment
+
+    s = segment(a.checkpoint, a.input, a.output, workers=a.workers, batch_size=a.batch_size,
+                threshold=a.threshold, overlays=a.overlays, address=a.address)
+    print(format_summary(s))
+    return int(s["exit_code"])
+
+
+def cmd_export_onnx(a: argparse.Namespace) -> int:
+    from refseg.infer.onnx_export import TOLERANCE, check_opset, export_onnx
+
+    check_opset(a.opset)
+    info = export_onnx(a.checkpoint, a.out, opset=a.opset, verify=not a.no_verify)
+    print(json.dumps(info, indent=1))
+    if "max_abs_diff" in info and info["max_abs_diff"] >= TOLERANCE:
+        print(f"refseg: error: ONNX probabilities differ from PyTorch by {info['max_abs_diff']:.2e} "
+              f"(tolerance {TOLERANCE:g}); do not use {a.out}")
+        return 1
+    return 0
+
+
+def _positive(kind: type):
+    def parse(s: str):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a valid {kind.__name__}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"{s} must be positive")
+        return v
+    return parse
+
+
+def _common(p: argparse.ArgumentParser, batch_size: int) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="model.pt, a training output dir holding model.pt, or a DeepSpeed checkpoint dir")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--workers", type=_positive(int), default=1,
+                   help="inference actors (1 GPU each on a GPU cluster, else 1 CPU each)")
+    p.add_argument("--batch-size", type=_positive(int), default=batch_size)
+    p.add_argument("--threshold", type=float, default=0.5, help="mask = probability > threshold")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: $RAY_ADDRESS, else a fresh local instance)")
+
+
+def add_verbs(sub: argparse._SubParsersAction) -> None:
+    """Add ``evaluate``, ``segment`` and ``export-onnx`` to the ``refseg`` parser."""
+    p = sub.add_parser("evaluate", help="score a checkpoint on a refer-format split (Ray Data actors)",
+                       description="Every sentence of every ref is scored at the ORIGINAL image resolution "
+                                   "(predictions warped back); writes OUT/metrics.json and OUT/per_sample.jsonl.")
+    _common(p, 16)
+    p.add_argument("--data-root", required=True, help="refer layout root (refcoco/, images/mscoco/...)")
+    p.add_argument("--dataset", default="refcoco", help="refcoco | refcoco+ | refcocog")
+    p.add_argument("--split-by", default="unc", help="unc | umd | google")
+    p.add_argument("--split", default="val", help="val | testA | testB | test | train")
+    p.add_argument("--image-dir", default=None, help="explicit COCO train2014 image dir")
+    p.add_argument("--at-train-res", action="store_true",
+                   help="also report LAVT's convention: GT resized (nearest) to the training resolution")
+    p.add_argument("--save-masks", action="store_true", help="write OUT/masks/<ref_id>_<sent_id>.png")
+    p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("segment", help="segment a manifest of (id, image, text) rows (Ray Data actors)",
+                       epilog=SEGMENT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p, 8)
+    p.add_argument("--input", required=True, help="manifest: .jsonl or .csv with id, image, text")
+    p.add_argument("--overlays", action="store_true", help="also write OUT/overlays/<id>.png")
+    p.set_defaults(fn=cmd_segment)
+
+    p = sub.add_parser("export-onnx", help="export a checkpoint to ONNX (dynamic batch), checked with onnxruntime")
+    p.add_argument("--checkpoint", required=True,
+                   help="model.pt, a training output dir holding model.pt, or a DeepSpeed checkpoint dir")
+    p.add_argument("--out", required=True, help="the .onnx file to write (metadata goes to <out>.json)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    p.set_defaults(fn=cmd_export_onnx)
+

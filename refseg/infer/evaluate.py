@@ -1,0 +1,298 @@
+"""Batch evaluation of a checkpoint on a refer-format split, with Ray Data actors.
+
+    metrics = evaluate("runs/debug/model.pt", "data", "refcoco", "unc", "val", workers=2, output="runs/eval")
+
+Every sentence of every ref is one sample. Each actor decodes the image, runs the model, warps the
+probabilities back to the ORIGINAL image size (bilinear), thresholds them (``prob > threshold``) and
+compares with the ground truth decoded at the original size; it returns per-sample integer areas only
+(intersection, union, predicted and ground-truth area), aggregated with :class:`SegMetrics`, so the
+numbers never depend on the number of actors or the order results arrive in. ``at_train_res`` adds
+LAVT's convention (GT resized NEAREST to the training resolution, prediction at that resolution).
+
+Outputs in ``output``: metrics.json, per_sample.jsonl (sorted by ref_id, sent_id) and, with
+``save_masks``, masks/<ref_id>_<sent_id>.png (255 = object, original size).
+
+The Ray glue shared with ``refseg segment`` lives here too: :func:`start_ray`, :func:`actor_options`,
+:func:`ship_checkpoint` and :func:`predictor_from_box`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from refseg.config import ConfigError
+
+log = logging.getLogger("refseg.infer")
+
+UNREADABLE_IMAGE = "unreadable image"
+SIZE_MISMATCH = "mask/image size mismatch"
+INVALID_MASK = "invalid segmentation"
+AREA_COLUMNS = ("intersection", "union", "pred_area", "gt_area")
+
+
+# ----------------------------------------------------------------------------- Ray glue (shared)
+def start_ray(address: str | None = None) -> None:
+    """Attach to ``address`` / $RAY_ADDRESS (e.g. inside ``ray job submit``), else start a local
+    instance; a no-op when Ray is already initialised (the same helper the training driver uses)."""
+    from refseg.train.driver import init_ray
+
+    init_ray(address)
+
+
+def actor_options(workers: int) -> dict:
+    """Resources per inference actor: one GPU when the cluster has GPUs, else one CPU. Refuses a pool
+    the cluster cannot hold (Ray Data would wait for the missing actors forever)."""
+    import ray
+
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    res = ray.cluster_resources()
+    gpus, cpus = res.get("GPU", 0.0), res.get("CPU", 0.0)
+    if gpus >= 1:
+        if workers > gpus:
+            raise ConfigError(f"--workers {workers} needs {workers} GPUs (one per actor) but the cluster has "
+                              f"{gpus:g}; lower --workers")
+        return {"num_gpus": 1, "num_cpus": 1 if cpus >= 2 * workers else 0}
+    if workers > cpus:
+        raise ConfigError(f"--workers {workers} needs {workers} CPUs (one per actor) but the cluster has "
+                          f"{cpus:g}; lower --workers")
+    return {"num_cpus": 1}
+
+
+def ship_checkpoint(checkpoint: str | os.PathLike) -> tuple[list, Any]:
+    """Put the model.pt bytes in the object store (actors on other nodes need no shared disk).
+
+    Returns ([ObjectRef], the checkpoint's Config). A DeepSpeed dir is consolidated first."""
+    import ray
+
+    from refseg.infer.predictor import load_checkpoint_model, resolve_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="refseg-ckpt-") as tmp:
+        model_pt = resolve_checkpoint(checkpoint, tmp)
+        _, cfg = load_checkpoint_model(model_pt, "cpu")  # validates the file before any actor starts
+        box = [ray.put(model_pt.read_bytes())]
+    return box, cfg
+
+
+def predictor_from_box(box: list) -> Any:
+    """Inside an actor: the Predictor for the model.pt bytes in ``box`` (CUDA when visible)."""
+    import ray
+    import torch
+
+    from refseg.infer.predictor import Predictor
+
+    data = ray.get(box[0])
+    with tempfile.TemporaryDirectory(prefix="refseg-actor-") as tmp:
+        path = Path(tmp) / "model.pt"
+        path.write_bytes(data)
+        return Predictor.from_checkpoint(path, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the actor
+def _drafted(orig: tuple[int, int], got: tuple[int, int]) -> bool:
+    """Is ``got`` the original size or a JPEG draft (1/2, 1/4, 1/8, rounded up) of it?"""
+    return any(got == (-(-orig[0] // f), -(-orig[1] // f)) for f in (1, 2, 4, 8))
+
+
+class EvalActor:
+    """Ray Data callable class: a batch of records -> per-sample areas (see the module docstring)."""
+
+    def __init__(self, box: list, threshold: float, at_train_res: bool, masks_dir: str | None) -> None:
+        self.predictor = predictor_from_box(box)
+        self.threshold, self.at_train_res = threshold, at_train_res
+        self.masks_dir = Path(masks_dir) if masks_dir else None
+
+    def _load(self, batch: dict, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image (h, w, 3) uint8, GT (H, W) uint8); raises _Bad."""
+        from refseg.data.masks import decode_mask
+        from refseg.data.transforms import ImageError, load_image
+
+        try:
+            gt = decode_mask(json.loads(str(batch["seg_json"][i])), int(batch["height"][i]), int(batch["width"][i]))
+        except (ValueError, TypeError, KeyError) as e:
+            raise _Bad(INVALID_MASK, str(e)) from None
+        try:  # COCO masks live on the stored pixel grid: no EXIF rotation; JPEG draft like training
+            image = load_image(str(batch["image_path"][i]), target_size=self.predictor.image_size, exif=False)
+        except (ImageError, OSError) as e:
+            raise _Bad(UNREADABLE_IMAGE, str(e)) from None
+        if not _drafted(gt.shape, image.shape[:2]):
+            raise _Bad(SIZE_MISMATCH, f"{batch['image_path'][i]}: image {image.shape[:2]}, mask {gt.shape}")
+        return image, gt
+
+    def __call__(self, batch: dict) -> dict:
+        from refseg.data.transforms import preprocess_with_meta
+
+        p, n = self.predictor, len(batch["ref_id"])
+        cols = {k: np.zeros(n, np.int64) for k in AREA_COLUMNS}
+        if self.at_train_res:
+            cols.update({f"{k}_tr": np.zeros(n, np.int64) for k in AREA_COLUMNS})
+        reasons = [""] * n
+        good, xs, metas, gts, gts_small = [], [], [], [], []
+        for i in range(n):
+            try:
+                image, gt = self._load(batch, i)
+            except _Bad as e:
+                reasons[i] = e.reason
+                log.warning("skipping ref %s sent %s: %s", batch["ref_id"][i], batch["sent_id"][i], e.detail)
+                continue
+            x, small, meta = preprocess_with_meta(image, gt if self.at_train_res else None, p.image_size,
+                                                  p.keep_aspect, orig_size=gt.shape)
+            good.append(i), xs.append(x), metas.append(meta), gts.append(gt), gts_small.append(small)
+        if good:
+            probs, _ = p.forward(np.stack(xs), [str(batch["sentence"][i]) for i in good])
+            for j, i in enumerate(good):
+                mask, _ = p.finish(probs[j], metas[j], self.threshold)
+                self._record(cols, "", i, mask, gts[j])
+                if self.at_train_res:
+                    rh, rw = metas[j]["resized_h"], metas[j]["resized_w"]
+                    self._record(cols, "_tr", i, probs[j][:rh, :rw] > self.threshold, gts_small[j][:rh, :rw])
+                if self.masks_dir is not None:
+                    from refseg.infer.visualize import mask_png, save_png
+
+                    save_png(mask_png(mask), self.masks_dir / f"{int(batch['ref_id'][i])}_{int(batch['sent_id'][i])}.png")
+        return {"ref_id": np.asarray(batch["ref_id"], np.int64), "sent_id": np.asarray(batch["sent_id"], np.int64),
+                "reason": np.asarray(reasons, dtype=object), **cols}
+
+    @staticmethod
+    def _record(cols: dict, suffix: str, i: int, pred: np.ndarray, gt: np.ndarray) -> None:
+        from refseg.metrics import intersection_union
+
+        inter, union = intersection_union(pred, gt)
+        cols[f"intersection{suffix}"][i], cols[f"union{suffix}"][i] = inter[0], union[0]
+        cols[f"pred_area{suffix}"][i] = np.count_nonzero(pred)
+        cols[f"gt_area{suffix}"][i] = np.count_nonzero(gt)
+
+
+class _Bad(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
+
+
+# ----------------------------------------------------------------------------- the driver
+def _items(records: list[dict]) -> list[dict]:
+    """Arrow-friendly rows (the segmentation, polygons or RLE, travels as a JSON string)."""
+    return [{"ref_id": int(r["ref_id"]), "sent_id": int(r["sent_id"]), "image_path": str(r["image_path"]),
+             "sentence": str(r["sentence"]), "height": int(r["height"]), "width": int(r["width"]),
+             "seg_json": json.dumps(r["segmentation"])} for r in records]
+
+
+def _check_args(workers: int, batch_size: int, threshold: float) -> None:
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if not 0.0 < threshold < 1.0:
+        raise ConfigError(f"--threshold must lie strictly between 0 and 1, got {threshold}")
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+
+
+def _metrics(rows: dict, suffix: str) -> dict:
+    from refseg.metrics import SegMetrics
+
+    m = SegMetrics()
+    ok = rows["reason"] == ""
+    m.add(*(rows[f"{k}{suffix}"][ok] for k in AREA_COLUMNS), keys=rows["sent_id"][ok])
+    return m.compute()
+
+
+def run_eval_pipeline(records: list[dict], box: list, *, workers: int, batch_size: int, threshold: float,
+                      at_train_res: bool, masks_dir: Path | None) -> dict:
+    """Ray Data: records -> EvalActor pool -> columns of all samples, sorted by (ref_id, sent_id)."""
+    import ray
+    import ray.data
+
+    opts = actor_options(workers)
+    ds = ray.data.from_items(_items(records), override_num_blocks=max(1, math.ceil(len(records) / batch_size)))
+    # batch_size=None: one block = one batch, so batches (and results) do not depend on `workers`
+    ds = ds.map_batches(EvalActor, batch_size=None, batch_format="numpy",
+                        fn_constructor_kwargs={"box": box, "threshold": threshold, "at_train_res": at_train_res,
+                                               "masks_dir": str(masks_dir) if masks_dir else None},
+                        compute=ray.data.ActorPoolStrategy(size=workers), **opts)
+    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    cols = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]} if parts else {}
+    order = np.lexsort((cols["sent_id"], cols["ref_id"]))
+    return {k: v[order] for k, v in cols.items()}
+
+
+def evaluate(checkpoint: str | os.PathLike, data_root: str | os.PathLike, dataset: str, split_by: str,
+             split: str, *, image_dir: str | None = None, workers: int = 1, batch_size: int = 16,
+             threshold: float = 0.5, save_masks: bool = False, at_train_res: bool = False,
+             output: str | os.PathLike, address: str | None = None) -> dict:
+    """Score ``checkpoint`` on every (ref, sentence) of ``split``; writes and returns metrics.json."""
+    from refseg.data.errors import RefSegDataError, SkipReport
+    from refseg.data.refer import load_split
+
+    _check_args(workers, batch_size, threshold)
+    t0 = time.time()
+    out = Path(output).expanduser().resolve()
+    report = SkipReport()
+    try:
+        records = load_split(data_root, dataset, split_by, split, image_dir=image_dir, report=report)
+    except RefSegDataError as e:
+        raise ConfigError(str(e)) from None
+    if not records:
+        raise ConfigError(f"{dataset}({split_by}) split '{split}' under '{data_root}' has no usable samples; "
+                          f"check --split and --data-root ({report.summary()})")
+    start_ray(address)
+    box, cfg = ship_checkpoint(checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    masks_dir = out / "masks" if save_masks else None
+    if masks_dir is not None:
+        masks_dir.mkdir(exist_ok=True)
+    cols = run_eval_pipeline(records, box, workers=workers, batch_size=batch_size, threshold=threshold,
+                             at_train_res=at_train_res, masks_dir=masks_dir)
+
+    skipped = dict(report.counts)
+    for reason in cols["reason"]:
+        if reason:
+            skipped[str(reason)] = skipped.get(str(reason), 0) + 1
+    metrics = {**_metrics(cols, ""), "resolution": "original", "threshold": threshold,
+               "checkpoint": str(checkpoint), "dataset": dataset, "split_by": split_by, "split": split}
+    if at_train_res:
+        size = cfg.data.image_size
+        metrics["at_train_res"] = {**_metrics(cols, "_tr"),
+                                   "resolution": f"train ({size}x{size}, GT resized nearest)"}
+    metrics["skipped"] = skipped
+    metrics["wall_s"] = round(time.time() - t0, 2)
+    _write_per_sample(out / "per_sample.jsonl", cols, {(r["ref_id"], r["sent_id"]): r["sentence"] for r in records})
+    write_atomic(out / "metrics.json", json.dumps(metrics, indent=1, ensure_ascii=False) + "\n")
+    return metrics
+
+
+def _write_per_sample(path: Path, cols: dict, sentences: dict) -> None:
+    lines = []
+    for i in range(len(cols["ref_id"])):
+        if cols["reason"][i]:
+            continue
+        key = (int(cols["ref_id"][i]), int(cols["sent_id"][i]))
+        inter, union = int(cols["intersection"][i]), int(cols["union"][i])
+        lines.append(json.dumps({"ref_id": key[0], "sent_id": key[1], "sentence": sentences[key],
+                                 "intersection": inter, "union": union, "iou": inter / union if union else 0.0},
+                                ensure_ascii=False) + "\n")
+    write_atomic(path, "".join(lines))
+
+
+def format_summary(m: dict) -> str:
+    """One line for the terminal."""
+    p = m["precision_at"]
+    skipped = sum(m["skipped"].values())
+    line = (f"{m['split']}: oIoU {m['oiou']:.4f}  mIoU {m['miou']:.4f}  P@0.5 {p['0.5']:.4f}  P@0.9 {p['0.9']:.4f}"
+            f"  ({m['num_samples']} samples at original resolution, {skipped} skipped)")
+    if "at_train_res" in m:
+        line += f"; at train res oIoU {m['at_train_res']['oiou']:.4f} mIoU {m['at_train_res']['miou']:.4f}"
+    return line

@@ -1,0 +1,304 @@
+"""Model tests on the tiny preset: shapes, gradients, padding invariance, learning, export, presets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from refseg.config import config_from_dict
+from refseg.losses import refseg_loss
+from refseg.models import build_model, load_tokenizer, preset_config
+from refseg.models.export import load_model, save_model
+from refseg.models.info import format_model_info, model_info
+from refseg.models.presets import PRESETS, tiny_vocab_size
+
+SENTENCES = ["the red square on the left", "blue circle", "the biggest green triangle at the top", "a star"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; oversubscribed shared cores make them 5x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(preset_config("tiny").text)
+
+
+def tiny_model(seed: int = 0, **fusion) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = preset_config("tiny")
+    for k, v in fusion.items():
+        setattr(cfg.fusion, k, v)
+    return build_model(cfg)
+
+
+def encode(tokenizer, sentences: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = tokenizer(sentences, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+# ----------------------------------------------------------------------------- shapes and gradients
+@pytest.mark.parametrize("size", [64, 96])
+@pytest.mark.parametrize("length", [8, 20])
+def test_forward_backward_shapes_and_grads(tokenizer, size: int, length: int) -> None:
+    model = tiny_model()
+    ids, mask = encode(tokenizer, SENTENCES[:3], length)
+    image = torch.randn(3, 3, size, size)
+    out = model(image, ids, mask, return_attn=True)
+    assert out["logits"].shape == (3, 1, size, size)
+    assert out["attn"].shape == (3, size // 16, size // 16)
+    attn = out["attn"].detach()
+    assert float(attn.min()) >= 0.0 and float(attn.max()) == pytest.approx(1.0)
+    target = (torch.rand(3, size, size) > 0.5).float()
+    refseg_loss(out["logits"], target).backward()
+    groups = model.param_groups(lr=1e-3, encoder_lr_mult=0.1, weight_decay=0.01)
+    assert {g["name"] for g in groups} == {"encoder", "encoder_no_decay", "head", "head_no_decay"}
+    for g in groups:
+        assert all(p.grad is not None for p in g["params"]), f"a parameter of group {g['name']} got no gradient"
+        assert any(float(p.grad.abs().sum()) > 0 for p in g["params"]), g["name"]
+
+
+def test_param_groups_cover_every_trainable_param_once() -> None:
+    model = tiny_model()
+    groups = model.param_groups(lr=1e-3, encoder_lr_mult=0.1, weight_decay=0.05)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == sum(1 for p in model.parameters() if p.requires_grad)
+    enc = {id(p) for m in (model.vision.body, model.text.bert) for p in m.parameters()}
+    for g in groups:
+        assert g["lr"] == pytest.approx(1e-4 if g["name"].startswith("encoder") else 1e-3)
+        assert all((id(p) in enc) == g["name"].startswith("encoder") for p in g["params"])
+        if g["name"].endswith("no_decay"):
+            assert g["weight_decay"] == 0.0 and all(p.ndim <= 1 for p in g["params"])
+        else:
+            assert g["weight_decay"] == 0.05 and all(p.ndim > 1 for p in g["params"])
+    torch.optim.AdamW(groups)  # accepted as-is
+
+    cfg = preset_config("tiny")
+    cfg.text.freeze_encoder = True
+    frozen = build_model(cfg)
+    n = sum(len(g["params"]) for g in frozen.param_groups(1e-3, 0.1, 0.0))
+    assert n == sum(1 for p in frozen.parameters() if p.requires_grad) < len(list(frozen.parameters()))
+
+
+def test_any_input_size_and_attention_paths_agree(tokenizer) -> None:
+    model = tiny_model().eval()
+    ids, mask = encode(tokenizer, SENTENCES[:2], 12)
+    image = torch.randn(2, 3, 70, 90)  # not a multiple of 32: padded internally
+    with torch.no_grad():
+        fast = model(image, ids, mask)["logits"]
+        slow = model(image, ids, mask, return_attn=True)
+    assert fast.shape == (2, 1, 70, 90)
+    assert slow["attn"].shape == (2, 5, 6)
+    torch.testing.assert_close(fast, slow["logits"], atol=1e-5, rtol=1e-4)  # SDPA == explicit softmax
+
+
+def test_bf16_autocast_forward_backward(tokenizer) -> None:
+    model = tiny_model()
+    ids, mask = encode(tokenizer, SENTENCES[:2], 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 64, 64), ids, mask, return_attn=True)
+        loss = refseg_loss(out["logits"], torch.ones(2, 64, 64))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("level", [8, 32])
+def test_other_fusion_levels_reach_input_size(tokenizer, level: int) -> None:
+    model = tiny_model(level=level)
+    ids, mask = encode(tokenizer, SENTENCES[:2], 8)
+    assert model(torch.randn(2, 3, 64, 64), ids, mask)["logits"].shape == (2, 1, 64, 64)
+
+
+# ----------------------------------------------------------------------------- padding invariance
+def test_text_encoder_padding_invariance(tokenizer) -> None:
+    text = tiny_model().text.eval()
+    ids, mask = encode(tokenizer, SENTENCES, 12)
+    ids_long, mask_long = encode(tokenizer, SENTENCES, 20)
+    assert torch.equal(ids_long[:, :12], ids) and int(mask_long[:, 12:].sum()) == 0
+    with torch.no_grad():
+        w, s = text(ids, mask)
+        w2, s2 = text(ids_long, mask_long)
+    torch.testing.assert_close(w2[:, :12], w, atol=1e-5, rtol=0)
+    torch.testing.assert_close(s2, s, atol=1e-5, rtol=0)
+    assert float(w2[:, 12:].abs().max()) == 0.0
+    assert float((w * (1 - mask[..., None])).abs().max()) == 0.0  # zeros at padding
+
+
+def test_full_model_padding_invariance(tokenizer) -> None:
+    model = tiny_model().eval()
+    image = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        a = model(image, *encode(tokenizer, SENTENCES, 12), return_attn=True)
+        b = model(image, *encode(tokenizer, SENTENCES, 24), return_attn=True)
+    torch.testing.assert_close(b["logits"], a["logits"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(b["attn"], a["attn"], atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- learning
+def _shapes_batch(tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two images (red square + blue disk, positions swapped), each paired with both phrases."""
+    S = 64
+    yy, xx = torch.meshgrid(torch.arange(S), torch.arange(S), indexing="ij")
+    images, masks = [], []
+    for sq_x, disk_x in ((16, 46), (46, 16)):
+        square = ((xx - sq_x).abs() <= 8) & ((yy - 24).abs() <= 8)
+        disk = ((xx - disk_x) ** 2 + (yy - 40) ** 2) <= 81
+        img = torch.full((3, S, S), -1.0)
+        img[0][square] = 1.0  # red
+        img[2][disk] = 1.0  # blue
+        images += [img, img]
+        masks += [square, disk]
+    ids, mask = encode(tokenizer, ["the red square", "blue circle"] * 2, 8)
+    return torch.stack(images), ids, mask, torch.stack(masks).float()
+
+
+def test_overfits_one_batch(tokenizer) -> None:
+    torch.manual_seed(0)
+    model = tiny_model()
+    image, ids, mask, target = _shapes_batch(tokenizer)
+    opt = torch.optim.AdamW(model.param_groups(lr=3e-3, encoder_lr_mult=1.0, weight_decay=0.0))
+    losses = []
+    for _ in range(250):  # ~15 s on one free core
+        loss = refseg_loss(model(image, ids, mask)["logits"], target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        pred = model(image, ids, mask)["logits"][:, 0] > 0
+    iou = float((pred & target.bool()).sum() / (pred | target.bool()).sum())
+    assert losses[-1] < 0.3 * losses[0], losses[::15]
+    assert iou > 0.9, iou  # same image, different phrase -> different mask: language is used
+
+
+# ----------------------------------------------------------------------------- presets and info
+def test_presets_and_errors() -> None:
+    assert set(PRESETS) == {"r101", "r50", "tiny"}
+    cfg = preset_config("tiny")
+    assert cfg.preset == "tiny" and cfg.text.bert_config["vocab_size"] == tiny_vocab_size()
+    assert config_from_dict({"model": {"preset": "tiny", "dim": 32}}).model.vision.backbone == "tiny"
+    with pytest.raises(ValueError, match="r101, r50, tiny"):
+        preset_config("r18")
+
+
+def test_tiny_tokenizer_matches_vocab(tokenizer) -> None:
+    assert len(tokenizer) == tiny_vocab_size() == preset_config("tiny").text.bert_config["vocab_size"]
+    assert tokenizer.pad_token_id == 0
+    words = "the red green blue yellow purple orange white black gray grey pink brown cyan circle square " \
+            "triangle rectangle star leftmost rightmost top bottom middle center upper lower biggest smallest"
+    ids = tokenizer(words)["input_ids"]
+    assert tokenizer.unk_token_id not in ids and len(ids) == len(words.split()) + 2
+
+
+@pytest.mark.parametrize("name, target", [("r101", 145e6), ("r50", 87e6)])
+def test_large_preset_parameter_counts(name: str, target: float) -> None:
+    info = model_info(name)  # pretrained=False: offline
+    assert abs(info["total"] - target) / target < 0.12, format_model_info(info)
+    parts = ("vision_body", "fpn", "text_encoder", "lstm", "fusion", "decoder")
+    assert sum(info[k] for k in parts) == info["total"]
+    assert "total" in format_model_info(info)
+
+
+def test_tiny_is_small() -> None:
+    info = model_info("tiny")
+    assert info["total"] < 2e6
+    assert info["total"] == sum(p.numel() for p in build_model("tiny").parameters())
+
+
+# ----------------------------------------------------------------------------- weights and export
+def test_bad_vision_weights_are_clear_errors(tmp_path) -> None:
+    cfg = preset_config("tiny")
+    cfg.vision.backbone, cfg.vision.weights = "resnet18", "IMAGENET_BOGUS"
+    with pytest.raises(ValueError, match=r"vision.weights='IMAGENET_BOGUS' .*IMAGENET1K_V1"):
+        build_model(cfg, pretrained=False)
+    cfg = preset_config("tiny")
+    cfg.vision.weights = "IMAGENET1K_V1"
+    with pytest.raises(ValueError, match="not usable with backbone 'tiny'"):
+        build_model(cfg)
+    cfg.vision.weights = str(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="does not exist"):
+        build_model(cfg)
+    cfg.vision.norm = "layernorm"
+    with pytest.raises(ValueError, match="vision.norm"):
+        build_model(cfg, pretrained=False)
+
+
+def test_vision_weights_from_local_state_dict(tmp_path) -> None:
+    src = tiny_model(seed=1).vision.body
+    path = tmp_path / "body.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, path)
+    cfg = preset_config("tiny")
+    cfg.vision.weights = str(path)
+    torch.manual_seed(2)
+    body = build_model(cfg).vision.body
+    for k, v in src.state_dict().items():
+        assert torch.equal(body.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("norm", ["frozen_bn", "gn", "bn"])
+def test_torchvision_backbone_loads_a_classifier_state_dict(tmp_path, norm: str) -> None:
+    import torchvision
+
+    from refseg.models.vision import VisionEncoder
+
+    src = torchvision.models.resnet18(weights=None).state_dict()  # includes fc.* and BN statistics
+    path = tmp_path / "resnet18.pth"
+    torch.save(src, path)
+    enc = VisionEncoder("resnet18", str(path), pretrained=True, norm=norm, fpn_channels=32)
+    assert torch.equal(enc.body.layer3[0].conv1.weight, src["layer3.0.conv1.weight"])
+    assert torch.equal(enc.body.bn1.weight, src["bn1.weight"])
+    feats = enc(torch.randn(1, 3, 64, 64))
+    assert {s: tuple(f.shape) for s, f in feats.items()} == {4: (1, 32, 16, 16), 8: (1, 32, 8, 8),
+                                                              16: (1, 32, 4, 4), 32: (1, 32, 2, 2)}
+    (tmp_path / "junk.pth").write_text("junk")
+    with pytest.raises(ValueError, match="could not be read"):
+        VisionEncoder("resnet18", str(tmp_path / "junk.pth"), pretrained=True)
+
+
+def test_save_load_round_trip(tmp_path, tokenizer) -> None:
+    model = tiny_model().eval()
+    ids, mask = encode(tokenizer, SENTENCES[:2], 10)
+    image = torch.randn(2, 3, 64, 64)
+    path = save_model(tmp_path / "out" / "model.pt", model, {"train": {"lr": 1e-3}})
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.pt"]  # no temp file left
+    loaded, config = load_model(path)
+    assert config == {"train": {"lr": 1e-3}}
+    assert loaded.config == model.config and not loaded.training
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(image, ids, mask)["logits"], model(image, ids, mask)["logits"],
+                                   atol=0, rtol=0)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nope.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="could not be read"):
+        load_model(tmp_path / "bad.pt")
+
+
+def test_lazy_exports_resolve() -> None:
+    from refseg import models
+
+    for name in models.__all__:
+        assert getattr(models, name) is not None
+    with pytest.raises(AttributeError):
+        models.no_such_name  # noqa: B018
+
+
+def test_models_package_imports_no_ray_and_presets_no_torch() -> None:
+    code = (
+        "import sys\n"
+        "from refseg.config import config_from_dict\n"
+        "config_from_dict({'model': {'preset': 'tiny'}})\n"
+        "assert 'torch' not in sys.modules, 'presets pulled in torch'\n"
+        "import refseg.models.refseg_model, refseg.models.export, refseg.models.info, refseg.losses\n"
+        "assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules), 'ray imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

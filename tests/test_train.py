@@ -1,0 +1,136 @@
+"""Distributed training: real Ray Train TorchTrainer + real DeepSpeed engines on CPU workers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from refseg.config import ConfigError, load_config
+from refseg.train.ds_config import lr_lambda
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_cfg(root: Path, *extra: str):
+    """Tiny model, 64 px, 2 workers x 0.5 CPU, a few steps per epoch."""
+    return load_config(REPO / "configs" / "debug.yaml", [
+        f"data.root={root}", "data.synthetic=false", "data.image_size=64", "data.augment=false",
+        "train.epochs=3", "train.batch_size=4", "train.max_steps_per_epoch=4", "train.warmup_steps=0",
+        "train.val_every=1", "train.checkpoint_every=1", "train.log_every=2", "train.lr=3e-3",
+        "eval.batch_size=16", *extra,
+    ])
+
+
+def history(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stages_two_workers_loss_falls(ray_session, synthetic_root, tmp_path, stage):
+    from refseg.models.export import load_model
+    from refseg.train import run_training
+
+    precision = "fp32" if stage == 3 else "bf16"
+    extra = [f"deepspeed.zero_stage={stage}", f"train.precision={precision}"]
+    if stage == 3:
+        extra.append("train.val_every=0")  # model.pt then comes from the final checkpoint (probe parity)
+    cfg = small_cfg(synthetic_root, *extra)
+    out = tmp_path / f"zero{stage}"
+    probe = tmp_path / "probe.pt"
+    summary = run_training(cfg, out, probe_path=str(probe))
+    hist = history(out)
+    losses = [h["loss"] for h in hist]
+    assert len(hist) == 3 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0], losses
+    assert summary["steps"] == 3 * summary["steps_per_epoch"] == hist[-1]["step"]
+    for name in ("summary.json", "config.yaml", "metrics.jsonl", "curves.png", "model.pt"):
+        assert (out / name).is_file(), name
+    if stage != 3:
+        assert 0.0 <= summary["best"]["oiou"] <= 1.0 and "val_prec_50" in hist[-1]
+    # model.pt loads without DeepSpeed and reproduces the engine's logits (ZeRO-3 shards consolidated)
+    model, full_cfg = load_model(out / "model.pt")
+    assert full_cfg["deepspeed"]["zero_stage"] == stage
+    if stage == 3:
+        from refseg.train.loop import probe_inputs
+
+        image, ids, attn = probe_inputs(cfg)
+        with torch.no_grad():
+            mine = model.eval()(image, ids, attn)["logits"]
+        engine_logits = torch.load(probe)
+        assert (mine - engine_logits).abs().max().item() < 1e-3
+
+
+@pytest.mark.slow
+def test_worker_dies_mid_epoch_run_restarts_from_checkpoint(ray_session, synthetic_root, tmp_path):
+    from refseg.train import run_training
+
+    # rank 1 exits at global step 6 (epoch 2 of 3, 4 steps each) on its first attempt only
+    cfg = small_cfg(synthetic_root, "train.fail_at_step=6", "train.max_failures=1", "train.val_every=0")
+    out = tmp_path / "ft"
+    summary = run_training(cfg, out)
+    assert (out / ".fail_injected").read_text() == "6"
+    hist = history(out)
+    assert [h["epoch"] for h in hist] == [1, 2, 3]  # epoch 1 restored from its checkpoint, not re-run
+    assert summary["steps"] == 12
+
+
+@pytest.mark.slow
+def test_resume_after_stop_continues_step_and_schedule(ray_session, synthetic_root, tmp_path):
+    from refseg.train import run_training
+
+    cfg = small_cfg(synthetic_root, "train.fail_at_step=6", "train.max_failures=0", "train.val_every=0",
+                    "train.warmup_steps=2")
+    out = tmp_path / "resume"
+    with pytest.raises(Exception):
+        run_training(cfg, out)  # the run stops in epoch 2 after checkpointing epoch 1
+    assert not (out / "summary.json").exists()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_training(cfg, out)
+    summary = run_training(cfg, out, resume=True)
+    hist = history(out)
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert [h["step"] for h in hist] == [4, 8, 12]
+    # the LR schedule continued where it stopped: identical to an uninterrupted warmup + poly schedule
+    f = lr_lambda(12, 2, cfg.train.poly_power)
+    for h in hist:
+        assert h["lr"] == pytest.approx(cfg.train.lr * f(h["step"]), rel=1e-6)
+    assert summary["steps"] == 12
+
+
+def test_resource_check_refuses_a_config_that_would_hang(ray_session, synthetic_root, tmp_path):
+    from refseg.train import run_training
+
+    cfg = small_cfg(synthetic_root, "train.cpus_per_worker=1.0")
+    with pytest.raises(ConfigError, match="data pipeline would starve"):
+        run_training(cfg, tmp_path / "starve")
+
+
+def test_fp16_on_cpu_is_a_clear_error(ray_session, synthetic_root, tmp_path):
+    from refseg.train import run_training
+
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        run_training(small_cfg(synthetic_root, "train.precision=fp16"), tmp_path / "fp16")
+
+
+@pytest.mark.slow
+def test_local_mode_cli_single_process(synthetic_root, tmp_path):
+    """`refseg train --local`: the loop runs in the driver process (a subprocess here, own Ray)."""
+    out = tmp_path / "local"
+    args = [sys.executable, "-m", "refseg.cli", "train", "--config", str(REPO / "configs" / "debug.yaml"),
+            "--output-dir", str(out), "--local", f"data.root={synthetic_root}", "data.synthetic=false",
+            "data.image_size=64", "train.epochs=2", "train.batch_size=4", "train.max_steps_per_epoch=3",
+            "train.precision=fp32", "train.val_every=1"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and Path(summary["model_path"]).is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir())  # real checkpoint dirs in local mode
