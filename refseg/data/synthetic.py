@@ -1,0 +1,408 @@
+"""A small synthetic RefCOCO-format set: coloured shapes that only language can tell apart.
+
+    root = make_synthetic("data/synth", num_images=400, seed=0)   # refer layout, refcoco / unc
+    root = ensure_synthetic("data/synth", 400, 0)                 # create only when missing
+
+On disk (exactly what refer / :func:`refseg.data.load_split` read)::
+
+    <root>/images/mscoco/images/train2014/COCO_train2014_%012d.jpg
+    <root>/refcoco/instances.json      COCO; annotations carry an extra "color" key
+    <root>/refcoco/refs(unc).p         pickle (protocol 2) of plain dicts
+    <root>/.complete                   JSON of the generation arguments, written last
+
+Each image holds 3-5 non-overlapping shapes; most images repeat a colour or a shape, so an
+expression ("the left red circle", "the biggest blue shape", "the star in the middle") is needed
+to pick one. Every sentence is parsed back (:func:`parse_expression`) and checked against the scene
+(:func:`referents`): it must pick out exactly its target. Images are painted from the same pycocotools
+rasterisation as the annotation, so image and mask agree pixel for pixel (before JPEG).
+Splits are by image: ~80% train, 10% val, 5% testA, 5% testB. Output is deterministic per seed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import pickle
+import shutil
+import uuid
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 165, 60),
+    "blue": (40, 80, 225),
+    "yellow": (240, 210, 40),
+    "purple": (145, 60, 190),
+    "orange": (245, 140, 30),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "rectangle")
+NOUNS = ("shape", "object", "one")  # stand-ins when the shape is not named
+IMAGE_SUBDIR = "images/mscoco/images/train2014"
+SIZE_RATIO = 1.5  # "bigger" needs at least this area ratio over every rival
+POS_MARGIN = 0.1  # "left" needs a lead of this fraction of the image width (height for top/bottom)
+_VERSION = 1
+
+# selector -> words; comparatives are only used (and only valid) with exactly two candidates
+_COMPARATIVE = {"left": ["left"], "right": ["right"], "top": ["top", "upper"],
+                "bottom": ["bottom", "lower"], "big": ["bigger", "larger"], "small": ["smaller"]}
+_SUPERLATIVE = {"left": ["leftmost"], "right": ["rightmost"], "top": ["topmost", "highest"],
+                "bottom": ["bottommost", "lowest"], "big": ["biggest", "largest"], "small": ["smallest"]}
+_PHRASE = {"left": "on the left", "right": "on the right", "top": "at the top",
+           "bottom": "at the bottom", "middle": "in the middle"}
+
+
+@dataclass(frozen=True)
+class Obj:
+    """One drawn shape; ``cx, cy`` is its bounding-box centre (pixels), ``area`` its mask area."""
+
+    shape: str
+    color: str
+    cx: float
+    cy: float
+    area: float
+
+
+@dataclass(frozen=True)
+class Desc:
+    """The meaning of an expression. ``sel`` in {None, left, right, top, bottom, big, small, middle};
+    ``comparative`` marks two-way words ("left", "bigger") that need exactly two candidates."""
+
+    color: str | None = None
+    shape: str | None = None
+    sel: str | None = None
+    comparative: bool = False
+
+
+# ----------------------------------------------------------------------------- the logic checker
+def referents(desc: Desc, objs: Sequence[Obj], width: int, height: int) -> list[int]:
+    """Indices of the objects ``desc`` may mean; an expression is unambiguous iff this is one index.
+
+    Superlatives/phrases pick the extreme candidate, but every candidate within the margin
+    (POS_MARGIN of the image side, SIZE_RATIO in area) of the extreme counts as meant too."""
+    cands = [i for i, o in enumerate(objs)
+             if desc.color in (None, o.color) and desc.shape in (None, o.shape)]
+    if desc.sel is None or len(cands) < 2:
+        return cands
+    if desc.comparative and len(cands) != 2:
+        return cands  # "the left circle" among three circles names none of them for sure
+    if desc.sel == "middle":
+        if len(cands) != 3:
+            return cands
+        a, b, c = sorted(cands, key=lambda i: objs[i].cx)
+        m = POS_MARGIN * width
+        ok = objs[b].cx - objs[a].cx >= m and objs[c].cx - objs[b].cx >= m
+        return [b] if ok else cands
+    if desc.sel in ("big", "small"):
+        areas = {i: objs[i].area for i in cands}
+        if desc.sel == "big":
+            best = max(areas.values())
+            return [i for i in cands if areas[i] * SIZE_RATIO > best]
+        best = min(areas.values())
+        return [i for i in cands if areas[i] < best * SIZE_RATIO]
+    horizontal = desc.sel in ("left", "right")
+    sign = 1.0 if desc.sel in ("left", "top") else -1.0
+    key = {i: sign * (objs[i].cx if horizontal else objs[i].cy) for i in cands}
+    best = min(key.values())
+    margin = POS_MARGIN * (width if horizontal else height)
+    return [i for i in cands if key[i] - best < margin]
+
+
+def render_expression(desc: Desc, rng: np.random.Generator) -> str:
+    """One lower-case sentence for ``desc`` (wording picked by ``rng``)."""
+    noun = desc.shape or str(rng.choice(NOUNS))
+    color = f"{desc.color} " if desc.color else ""
+    if desc.sel is None:
+        return f"the {color}{noun}"
+    if desc.comparative:
+        return f"the {rng.choice(_COMPARATIVE[desc.sel])} {color}{noun}"
+    if desc.sel == "middle":
+        return f"the middle {color}{noun}" if rng.random() < 0.5 else f"the {color}{noun} in the middle"
+    if desc.sel in _PHRASE and rng.random() < 0.4:
+        return f"the {color}{noun} {_PHRASE[desc.sel]}"
+    return f"the {rng.choice(_SUPERLATIVE[desc.sel])} {color}{noun}"
+
+
+def parse_expression(sentence: str) -> Desc:
+    """Read a generated sentence back into its meaning; raises ValueError on any unknown word."""
+    words = sentence.lower().strip().rstrip(".").split()
+    sel, comparative = None, False
+    for sel_name, phrase in _PHRASE.items():
+        tail = phrase.split()
+        if words[-len(tail):] == tail:
+            sel, words = sel_name, words[:-len(tail)]
+            break
+    color = shape = None
+    for w in words:
+        if w == "the" or w in NOUNS:
+            continue
+        if w in COLORS:
+            color = w
+        elif w in SHAPES:
+            shape = w
+        elif w == "middle":
+            sel = "middle"
+        elif any(w in v for v in _COMPARATIVE.values()):
+            sel, comparative = next(k for k, v in _COMPARATIVE.items() if w in v), True
+        elif any(w in v for v in _SUPERLATIVE.values()):
+            sel = next(k for k, v in _SUPERLATIVE.items() if w in v)
+        else:
+            raise ValueError(f"unknown word {w!r} in synthetic expression {sentence!r}")
+    return Desc(color, shape, sel, comparative)
+
+
+def _descriptions(target: int, objs: Sequence[Obj], width: int, height: int) -> list[Desc]:
+    """Every non-redundant description that picks out exactly ``objs[target]``."""
+    o = objs[target]
+    found = []
+    for color in (o.color, None):
+        for shape in (o.shape, None):
+            if color is None and shape is None and len(objs) > 1:
+                plain_unique = False
+            else:
+                plain_unique = referents(Desc(color, shape), objs, width, height) == [target]
+            if plain_unique:
+                found.append(Desc(color, shape))
+                continue  # a selector on top would be redundant
+            for sel in ("left", "right", "top", "bottom", "big", "small", "middle"):
+                for comparative in ((False, True) if sel != "middle" else (False,)):
+                    d = Desc(color, shape, sel, comparative)
+                    if referents(d, objs, width, height) == [target]:
+                        found.append(d)
+    return found
+
+
+# ----------------------------------------------------------------------------- scenes
+def _polygon(kind: str, cx: float, cy: float, r: float, rot: float) -> list[float]:
+    """Flat [x1, y1, ...] outline of ``kind`` centred at (cx, cy) with circumradius ~r."""
+    if kind == "circle":
+        ang = rot + 2 * np.pi * np.arange(28) / 28
+        pts = np.stack([np.cos(ang), np.sin(ang)], 1) * r
+    elif kind == "star":
+        ang = -np.pi / 2 + rot + np.pi * np.arange(10) / 5
+        rad = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
+        pts = np.stack([np.cos(ang) * rad, np.sin(ang) * rad], 1)
+    elif kind == "triangle":
+        ang = -np.pi / 2 + rot + 2 * np.pi * np.arange(3) / 3
+        pts = np.stack([np.cos(ang), np.sin(ang)], 1) * r
+    else:
+        half = {"square": (0.72, 0.72), "rectangle": (1.0, 0.5), "diamond": (0.62, 1.0)}[kind]
+        box = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], float) * np.array(half) * r
+        if kind == "diamond":
+            box = np.array([[0, -1], [1, 0], [0, 1], [-1, 0]], float) * np.array(half) * r
+        c, s = math.cos(rot), math.sin(rot)
+        pts = box @ np.array([[c, s], [-s, c]])
+    pts = pts + np.array([cx, cy])
+    return [round(float(v), 2) for v in pts.reshape(-1)]
+
+
+def _place(rng: np.random.Generator, w: int, h: int, n: int) -> list[tuple[float, float, float]]:
+    """``n`` non-overlapping (cx, cy, r) circles inside a w x h image (fewer if it cannot)."""
+    side = min(w, h)
+    r_lo, r_hi = max(7.0, 0.08 * side), 0.2 * side
+    placed: list[tuple[float, float, float]] = []
+    for _ in range(n):
+        for attempt in range(200):
+            r = float(np.exp(rng.uniform(np.log(r_lo), np.log(r_hi)))) * (0.85 if attempt > 100 else 1.0)
+            cx, cy = rng.uniform(r + 2, w - r - 2), rng.uniform(r + 2, h - r - 2)
+            if all(math.hypot(cx - x, cy - y) > r + q + 3 for x, y, q in placed):
+                placed.append((float(cx), float(cy), r))
+                break
+    return placed
+
+
+def _attributes(rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
+    """(colour, shape) per object; 95% of scenes draw from small pools so attributes repeat."""
+    colors, shapes = list(COLORS), list(SHAPES)
+    if rng.random() < 0.05:  # an "easy" scene: every colour and shape may be distinct
+        return list(zip(rng.permutation(colors)[:n].tolist(), rng.permutation(shapes)[:n].tolist()))
+    pool_c = rng.permutation(colors)[: rng.integers(2, 4)].tolist()
+    pool_s = rng.permutation(shapes)[: rng.integers(2, 4)].tolist()
+    return [(str(rng.choice(pool_c)), str(rng.choice(pool_s))) for _ in range(n)]
+
+
+def _scene(rng: np.random.Generator, min_size: int, max_size: int) -> dict:
+    """One image's scene: size, objects (with polygons and RLEs) and its refs' descriptions."""
+    while True:
+        w, h = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
+        spots = _place(rng, w, h, int(rng.integers(3, 6)))
+        if len(spots) < 3:
+            continue
+        objs, anns = [], []
+        for (cx, cy, r), (color, kind) in zip(spots, _attributes(rng, len(spots))):
+            r_eff = r if kind != "rectangle" else r / 1.12  # keep the corners inside the circle
+            poly = _polygon(kind, cx, cy, r_eff, float(rng.uniform(-0.25, 0.25)))
+            rle = mask_utils.merge(mask_utils.frPyObjects([poly], h, w))
+            x, y, bw, bh = (float(v) for v in mask_utils.toBbox(rle))
+            area = float(mask_utils.area(rle))
+            objs.append(Obj(kind, color, x + bw / 2, y + bh / 2, area))
+            anns.append({"poly": poly, "rle": rle, "bbox": [x, y, bw, bh], "area": area})
+        descs = [_descriptions(i, objs, w, h) for i in range(len(objs))]
+        if sum(bool(d) for d in descs) >= 2 and all(a["area"] > 0 for a in anns):
+            return {"w": w, "h": h, "objs": objs, "anns": anns, "descs": descs}
+
+
+def _render(scene: dict, rng: np.random.Generator) -> np.ndarray:
+    """(H, W, 3) uint8: a light, slightly tinted gradient background with the shapes painted in."""
+    h, w = scene["h"], scene["w"]
+    base = (rng.uniform(150, 235) + rng.uniform(-12, 12, size=3)).astype(np.float32)
+    ang, amp = rng.uniform(0, 2 * np.pi), rng.uniform(0, 25)
+    xs = np.arange(w, dtype=np.float32) * np.float32(np.cos(ang) * amp / w)
+    ys = np.arange(h, dtype=np.float32) * np.float32(np.sin(ang) * amp / h)
+    img = base + (ys[:, None] + xs[None, :])[..., None]  # (H, W, 3)
+    with warnings.catch_warnings():  # pycocotools' decode warns about numpy 2's copy keyword
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for o, a in zip(scene["objs"], scene["anns"]):
+            img[mask_utils.decode(a["rle"]).astype(bool)] = COLORS[o.color]
+    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(0.0, 3.0))
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _sentences(descs: list[Desc], target: int, scene: dict, rng: np.random.Generator) -> list[str]:
+    """1-3 distinct sentences for one ref, each re-checked by parsing it back."""
+    order = rng.permutation(len(descs))
+    out: list[str] = []
+    for k in order[: int(rng.integers(1, 4))]:
+        sent = render_expression(descs[k], rng)
+        if sent in out:
+            continue
+        if referents(parse_expression(sent), scene["objs"], scene["w"], scene["h"]) != [target]:
+            raise AssertionError(f"synthetic expression {sent!r} is ambiguous; this is a generator bug")
+        out.append(sent)
+    return out
+
+
+def _split_names(n: int, seed: int) -> list[str]:
+    """Per image split: val 10%, testA 5%, testB 5% (each at least one when n allows), rest train."""
+    n_val = max(1, round(0.1 * n)) if n >= 2 else 0
+    n_a = max(1, round(0.05 * n)) if n >= 3 else 0
+    n_b = max(1, round(0.05 * n)) if n >= 4 else 0
+    names = ["val"] * n_val + ["testA"] * n_a + ["testB"] * n_b
+    names += ["train"] * (n - len(names))
+    perm = np.random.default_rng([seed, 7919]).permutation(n)
+    return [names[int(p)] for p in perm]
+
+
+def _raw(sent: str, rng: np.random.Generator) -> str:
+    """A 'raw' form as an annotator might type it (capitalised, maybe a full stop)."""
+    raw = sent[0].upper() + sent[1:] if rng.random() < 0.5 else sent
+    return raw + "." if rng.random() < 0.3 else raw
+
+
+# ----------------------------------------------------------------------------- writing
+def _write(tmp: Path, num_images: int, seed: int, min_size: int, max_size: int) -> None:
+    img_dir = tmp / IMAGE_SUBDIR
+    img_dir.mkdir(parents=True)
+    (tmp / "refcoco").mkdir()
+    images, anns, refs = [], [], []
+    splits = _split_names(num_images, seed)
+    ann_id, ref_id, sent_id = 1, 0, 0
+    for idx in range(num_images):
+        rng = np.random.default_rng([seed, idx])
+        scene = _scene(rng, min_size, max_size)
+        image_id = idx + 1
+        file_name = f"COCO_train2014_{image_id:012d}.jpg"
+        buf = io.BytesIO()
+        Image.fromarray(_render(scene, rng)).save(buf, format="JPEG", quality=95, subsampling=0)
+        (img_dir / file_name).write_bytes(buf.getvalue())
+        images.append({"id": image_id, "file_name": file_name, "height": scene["h"], "width": scene["w"]})
+        for k, (o, a, descs) in enumerate(zip(scene["objs"], scene["anns"], scene["descs"])):
+            anns.append({"id": ann_id, "image_id": image_id, "category_id": SHAPES.index(o.shape) + 1,
+                         "segmentation": [a["poly"]], "area": a["area"], "bbox": a["bbox"],
+                         "iscrowd": 0, "color": o.color})
+            if descs:
+                sents = _sentences(descs, k, scene, rng)
+                ids = list(range(sent_id, sent_id + len(sents)))
+                sent_id += len(sents)
+                refs.append({
+                    "ref_id": ref_id, "ann_id": ann_id, "image_id": image_id,
+                    "category_id": SHAPES.index(o.shape) + 1, "split": splits[idx],
+                    "file_name": f"COCO_train2014_{image_id:012d}_{k}.jpg", "sent_ids": ids,
+                    "sentences": [{"sent_id": i, "sent": s, "raw": _raw(s, rng), "tokens": s.split()}
+                                  for i, s in zip(ids, sents)],
+                })
+                ref_id += 1
+            ann_id += 1
+    instances = {
+        "info": {"description": "refseg synthetic shapes", "seed": seed, "num_images": num_images},
+        "images": images, "annotations": anns,
+        "categories": [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)],
+    }
+    (tmp / "refcoco" / "instances.json").write_text(json.dumps(instances))
+    (tmp / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    marker = {"num_images": num_images, "seed": seed, "min_size": min_size, "max_size": max_size,
+              "version": _VERSION, "refs": len(refs), "sentences": sent_id}
+    (tmp / ".complete").write_text(json.dumps(marker))
+
+
+def _marker(root: Path) -> dict | None:
+    try:
+        return json.loads((root / ".complete").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def make_synthetic(out_dir: str | os.PathLike, num_images: int = 400, seed: int = 0, *,
+                   min_size: int = 96, max_size: int = 192, _replace: bool = True) -> Path:
+    """Write a synthetic refcoco/unc set under ``out_dir`` atomically and return its path.
+
+    The set is built in a hidden sibling directory and renamed into place, so ``out_dir`` either
+    holds a complete set (with ``.complete``) or nothing. A previous synthetic set there is replaced;
+    a non-empty directory that is not one raises FileExistsError. Image sides are drawn from
+    [min_size, max_size] pixels independently (mixed aspect)."""
+    if num_images < 1 or not 32 <= min_size <= max_size:
+        raise ValueError(f"make_synthetic needs num_images >= 1 and 32 <= min_size <= max_size, "
+                         f"got {num_images}, {min_size}, {max_size}")
+    out = Path(out_dir).absolute()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and _marker(out) is None)):
+        raise FileExistsError(f"synthetic output '{out}' exists and is not an empty directory or an "
+                              f"earlier synthetic set; choose a new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        _write(tmp, num_images, seed, min_size, max_size)
+        try:
+            os.rename(tmp, out)  # succeeds when ``out`` is missing or an empty directory
+        except OSError:
+            if not _replace or _marker(out) is None:
+                raise FileExistsError(f"synthetic output '{out}' appeared while it was being written; "
+                                      f"choose a new directory") from None
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def ensure_synthetic(root: str | os.PathLike, num_images: int = 400, seed: int = 0, *,
+                     min_size: int = 96, max_size: int = 192) -> Path:
+    """Return ``root`` holding a synthetic set made with these arguments, creating it only if missing.
+
+    Safe when several processes call it at once: each builds privately and the first rename wins."""
+    root = Path(root).absolute()
+    want = {"num_images": num_images, "seed": seed, "min_size": min_size, "max_size": max_size,
+            "version": _VERSION}
+
+    def matches() -> bool:
+        m = _marker(root)
+        return m is not None and all(m.get(k) == v for k, v in want.items())
+
+    if matches():
+        return root
+    try:  # replace an earlier synthetic set made with other arguments, never a racing writer's
+        make_synthetic(root, num_images, seed, min_size=min_size, max_size=max_size,
+                       _replace=_marker(root) is not None)
+    except OSError:
+        if not matches():  # another process may have won the race with the same arguments
+            raise
+    return root
