@@ -33,7 +33,8 @@ def ref_batches(data_cfg, rows_per_batch: int) -> list[dict]:
     """The training refs as NumPy batches shaped like the ones Ray Data hands to the map."""
     from refseg.data.ray_data import _refs_table, load_refs
 
-    table = _refs_table(load_refs(data_cfg, "train"))
+    refs = load_refs(data_cfg, "train")[: data_cfg.max_samples]
+    table = _refs_table(refs)
     batches = []
     for i in range(0, table.num_rows, rows_per_batch):
         part = table.slice(i, rows_per_batch)
@@ -72,61 +73,42 @@ class RefBatches:
         return {k: torch.from_numpy(v) for k, v in out.items()}
 
 
-def timed_epochs(make_iter, epochs: int) -> tuple[float, float, int]:
-    """(first epoch seconds, steady samples/s over ``epochs`` more, samples per epoch)."""
-    t0 = time.perf_counter()
-    n = sum(len(b["ref_id"]) for b in make_iter())
-    first = time.perf_counter() - t0
+def rate(make_iter, epochs: int) -> float:
+    """Samples per second over ``epochs`` passes of ``make_iter()``."""
     t0, total = time.perf_counter(), 0
     for _ in range(epochs):
         total += sum(len(b["ref_id"]) for b in make_iter())
-    return first, total / (time.perf_counter() - t0), n
+    return total / (time.perf_counter() - t0)
 
 
-def bench_ray(data_cfg, text, epochs: int, compute: str, batch_size: int) -> tuple[float, float, int]:
-    from refseg.data import build_dataset
+def single_core(data_cfg, text, rows: int) -> float:
+    from refseg.data.ray_data import decode_batch, get_tokenizer, tokenizer_spec
 
-    ds = build_dataset(data_cfg, "train", train=True, tokenizer_source=text, compute=compute)
-    return timed_epochs(lambda: ds.iter_torch_batches(batch_size=batch_size, prefetch_batches=2), epochs)
-
-
-def bench_torch(data_cfg, text, epochs: int, rows: int) -> tuple[float, float, int]:
-    import torch
-
-    dataset = RefBatches(ref_batches(data_cfg, rows), text, opts_for(data_cfg))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=True, num_workers=2,
-                                         persistent_workers=True, prefetch_factor=2)
-    result = timed_epochs(lambda: iter(loader), epochs)
-    del loader
-    return result
-
-
-def bench_single(data_cfg, text, rows: int) -> float:
-    from refseg.data.ray_data import decode_batch, get_tokenizer
-
-    batches, tok, opts = ref_batches(data_cfg, rows), get_tokenizer(text), opts_for(data_cfg)
+    batches, opts = ref_batches(data_cfg, rows), opts_for(data_cfg)
+    tok = get_tokenizer(tokenizer_spec(text))
     decode_batch(batches[0], tok, opts)  # warm
-    t0 = time.perf_counter()
-    n = sum(len(decode_batch(b, tok, opts)["ref_id"]) for b in batches)
-    return n / (time.perf_counter() - t0)
+    return rate(lambda: (decode_batch(b, tok, opts) for b in batches), 1)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=300)
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 480])
-    p.add_argument("--epochs", type=int, default=2, help="timed epochs after one warm-up epoch")
+    p.add_argument("--rounds", type=int, default=2, help="alternating DataLoader / Ray rounds (best kept)")
+    p.add_argument("--epochs", type=int, default=1, help="epochs per round")
+    p.add_argument("--max-refs-480", type=int, default=320, help="refs per epoch at sizes >= 256 (time budget)")
     p.add_argument("--min-side", type=int, default=320)
     p.add_argument("--max-side", type=int, default=640)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--variants", action="store_true", help="also time the non-default Ray Data strategies")
+    p.add_argument("--variants", action="store_true", help="also time other map strategies")
     args = p.parse_args(argv)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
+    import torch
 
     from refseg.config import DataConfig
-    from refseg.data.ray_data import _map_batch_rows
+    from refseg.data import build_dataset
     from refseg.data.synthetic import make_synthetic
     from refseg.models.presets import tiny
 
@@ -134,38 +116,57 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(tempfile.mkdtemp(prefix="refseg-bench-")) / "set"
     t0 = time.perf_counter()
     make_synthetic(root, num_images=args.images, seed=0, min_size=args.min_side, max_size=args.max_side)
-    print(f"synthetic set: {args.images} images {args.min_side}-{args.max_side}px in {time.perf_counter() - t0:.1f}s")
-    ray.init(address="local", num_cpus=2, object_store_memory=600 * 1024**2, include_dashboard=False,
+    print(f"synthetic set: {args.images} images, sides {args.min_side}-{args.max_side}px "
+          f"({time.perf_counter() - t0:.1f}s); {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    ray.init(address="local", num_cpus=2, object_store_memory=2 * 1024**3, include_dashboard=False,
              logging_level=logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
-    ratio_line = None
+    lines = []
     for size in args.sizes:
-        cfg = DataConfig(root=str(root), image_size=size, max_tokens=20)
-        rows = _map_batch_rows(size)
-        single = bench_single(cfg, text, rows)
-        first, dl, n = bench_torch(cfg, text, args.epochs, rows)
-        print(f"[S={size}] samples/epoch={n}  (c) single core loop: {single:.0f} samples/s")
-        print(f"[S={size}] (b) DataLoader(num_workers=2): {dl:.0f} samples/s (first epoch {first:.1f}s)")
-        variants = [("tasks", 0.5, None), ("actors", 0.5, 2)]
+        cfg = DataConfig(root=str(root), image_size=size, max_tokens=20,
+                         max_samples=args.max_refs_480 if size >= 256 else None)
+        single = single_core(cfg, text, args.batch_size)
+        dataset = RefBatches(ref_batches(cfg, args.batch_size), text, opts_for(cfg))  # one training batch per item
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=True, num_workers=2,
+                                             persistent_workers=True, prefetch_factor=2)
+        ds = build_dataset(cfg, "train", train=True, tokenizer_source=text)
+        ray_iter = lambda ds=ds: ds.iter_torch_batches(batch_size=args.batch_size, prefetch_batches=2)  # noqa: E731
+        t0 = time.perf_counter()
+        n = sum(len(b["ref_id"]) for b in loader)
+        dl_first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        assert sum(len(b["ref_id"]) for b in ray_iter()) == n
+        ray_first = time.perf_counter() - t0
+        dl, rd = [], []
+        for _ in range(args.rounds):  # alternate, so load from other processes hits both alike
+            dl.append(rate(lambda: iter(loader), args.epochs))
+            rd.append(rate(ray_iter, args.epochs))
+        print(f"[S={size}] {n} samples/epoch; first epoch (start-up included): DataLoader {dl_first:.1f}s, "
+              f"Ray Data {ray_first:.1f}s")
+        print(f"[S={size}] (c) single core loop:            {single:6.0f} samples/s")
+        print(f"[S={size}] (b) DataLoader(num_workers=2):   {max(dl):6.0f} samples/s  rounds {[round(x) for x in dl]}")
+        print(f"[S={size}] (a) Ray Data (default, tasks):   {max(rd):6.0f} samples/s  rounds {[round(x) for x in rd]}")
+        del loader
         if args.variants:
-            variants = [("tasks", 1.0, None), ("actors", 1.0, 2), ("tasks", 0.5, 2)] + variants
-        for compute, cpus, workers in variants:
-            vcfg = DataConfig(root=str(root), image_size=size, max_tokens=20, map_cpus=cpus, num_read_tasks=workers)
-            first, rate, n = bench_ray(vcfg, text, args.epochs, compute, args.batch_size)
-            print(f"[S={size}] (a) Ray Data {compute} map_cpus={cpus} workers={workers or 'auto'}: "
-                  f"{rate:.0f} samples/s (first epoch {first:.1f}s)  vs DataLoader {rate / dl:.2f}x")
-        # the default configuration last (what build_dataset does without arguments)
-        first, rate, n = bench_ray(cfg, text, args.epochs, "tasks", args.batch_size)
-        line = (f"[S={size}] default Ray Data {rate:.0f} samples/s, DataLoader {dl:.0f} samples/s, "
-                f"single core {single:.0f} samples/s ratio={rate / dl:.2f}")
-        print(line)
-        ratio_line = ratio_line or line
+            for compute, cpus, workers in (("tasks", 0.5, 4), ("tasks", 1.0, 2), ("actors", 0.5, 2), ("actors", 1.0, 2)):
+                vcfg = DataConfig(root=str(root), image_size=size, max_tokens=20, max_samples=cfg.max_samples,
+                                  map_cpus=cpus, num_read_tasks=workers)
+                vds = build_dataset(vcfg, "train", train=True, tokenizer_source=text, compute=compute)
+                it = lambda vds=vds: vds.iter_torch_batches(batch_size=args.batch_size, prefetch_batches=2)  # noqa: E731
+                sum(len(b["ref_id"]) for b in it())  # warm-up (actor start-up is paid every epoch anyway)
+                r = rate(it, args.epochs)
+                print(f"[S={size}]     variant {compute} map_cpus={cpus} workers={workers}: {r:6.0f} samples/s "
+                      f"({r / max(dl):.2f}x DataLoader)")
+        lines.append(f"[S={size}] Ray Data {max(rd):.0f} samples/s, DataLoader {max(dl):.0f} samples/s, "
+                     f"single core {single:.0f} samples/s, ratio={max(rd) / max(dl):.2f}")
     ray.shutdown()
-    print(ratio_line)
+    for line in lines[1:]:
+        print(line)
+    print(lines[0])
 
 
 if __name__ == "__main__":

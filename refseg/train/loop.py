@@ -53,6 +53,11 @@ def setup_engine(cfg: Config, total_steps: int, device: torch.device):
         optimizer, lr_lambda(total_steps, warmup, cfg.train.poly_power)
     )
     ds_config = build_deepspeed_config(cfg.train, cfg.deepspeed, cuda=device.type == "cuda")
+    if cfg.train.precision == "bf16":
+        # DeepSpeed casts parameters only; BatchNorm's fp32 running stats then fail on CPU
+        # ("expected scalar type BFloat16"). Cast the whole module (buffers included) up front:
+        # the fp32 master weights DeepSpeed keeps start from the same values.
+        model = model.to(torch.bfloat16)
     if device.type == "cuda" and cfg.train.precision != "fp32":
         model = model.to(memory_format=torch.channels_last)
     engine, optimizer, _, scheduler = deepspeed.initialize(
