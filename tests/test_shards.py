@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -120,7 +121,9 @@ def test_training_from_shards_draws_one_sentence_per_ref(ray_session, synthetic_
         epochs.append(dict(rows))
     assert epochs[0] != epochs[1]  # a fresh draw every epoch
     assert build_dataset(cfg(shards, max_samples=5), "train", train=True, tokenizer_source=TEXT).count() == 5
-    assert build_dataset(cfg(shards, max_samples=5), "val", train=False, tokenizer_source=TEXT).count() == 5
+    capped = [build_dataset(cfg(shards, max_samples=5), "val", train=False, tokenizer_source=TEXT) for _ in range(2)]
+    keys = [sorted((int(r["ref_id"]), int(r["sent_id"])) for r in ds.take_all()) for ds in capped]
+    assert len(keys[0]) == 5 and keys[0] == keys[1]  # the same 5 samples every time
 
 
 def test_shards_with_only_the_documented_columns_still_work(ray_session, synthetic_root, shards, tmp_path):
@@ -150,3 +153,25 @@ def test_missing_shards_raise_one_clear_error(ray_session, tmp_path):
 
     with pytest.raises(RefSegDataError, match="refseg prepare"):
         build_dataset(cfg(tmp_path), "val", train=False, tokenizer_source=TEXT)
+
+
+@pytest.mark.parametrize("source", ["refer", "parquet"])
+def test_eval_shards_are_disjoint_and_cover_every_sample(ray_session, synthetic_root, shards, source):
+    """build_dataset(shard=(r, n)) for r < n splits an evaluation split exactly (max_samples applied first)."""
+    from refseg.data import count_refs
+
+    base = cfg(shards) if source == "parquet" else DataConfig(root=str(synthetic_root), image_size=SIZE,
+                                                              max_tokens=TOKENS)
+    for max_samples in (None, 9):
+        data = dataclasses.replace(base, max_samples=max_samples)
+        full = build_dataset(data, "val", train=False, tokenizer_source=TEXT).take_all()
+        parts = [build_dataset(data, "val", train=False, tokenizer_source=TEXT, shard=(r, 3)).take_all()
+                 for r in range(3)]
+        keys = [(int(x["ref_id"]), int(x["sent_id"])) for part in parts for x in part]
+        assert len(keys) == len(set(keys)) and sorted(keys) == sorted((int(x["ref_id"]), int(x["sent_id"])) for x in full)
+        assert all(int(x["ref_id"]) % 3 == r for r, part in enumerate(parts) for x in part)
+    empty = build_dataset(base, "val", train=False, tokenizer_source=TEXT, shard=(999_999, 1_000_000))
+    assert empty.take_all() == []
+    refs = load_split_refs(synthetic_root, "refcoco", "unc", "train")
+    assert count_refs(base, "train") == len(refs)
+    assert count_refs(dataclasses.replace(base, max_samples=7), "train") == 7

@@ -138,6 +138,39 @@ def test_concurrency_uses_the_largest_searched_resources_and_gpus():
     assert max_concurrent_trials(need, {"CPU": 128.0, "GPU": 8.0}) == 2  # the guide's 8 GPUs / 4 per trial
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("search", ["random", "optuna"])
+def test_tuner_runs_at_most_max_concurrent_trials(ray_session, tmp_path, search):
+    """Tune silently ignores max_concurrent_trials for a BasicVariantGenerator instance; a sweep with too
+    many trials at once starves Ray Data and hangs. Three 1.5 s trials, limit 2: never 3 at once."""
+    from ray import tune
+
+    from refseg.tuning import TRIAL_CPUS, _tuner
+
+    log_dir = tmp_path / "spans"
+    log_dir.mkdir()
+
+    def trainable(config):
+        import time as _t
+        import uuid
+
+        import ray.tune as rt
+
+        start = _t.time()
+        _t.sleep(1.5)
+        (log_dir / uuid.uuid4().hex).write_text(f"{start} {_t.time()}")
+        rt.report({"epoch": 1, "val_oiou": config["train.lr"]})
+
+    cfg = trial_config(DEBUG, {"tune.search": search, "train.epochs": 1})
+    space = parse_space({"train.lr": {"loguniform": [1e-5, 1e-3]}}, DEBUG)
+    state = {"experiment_path": str(tmp_path / "tune"), "num_samples": 3, "max_concurrent": 2}
+    _tuner(tune.with_resources(trainable, {"CPU": TRIAL_CPUS}), space, cfg, state).fit()
+    spans = [tuple(map(float, p.read_text().split())) for p in log_dir.iterdir()]
+    assert len(spans) == 3
+    most = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+    assert most == 2, spans
+
+
 # ----------------------------------------------------------------------------- outputs
 def _record(tid, params, vals, status):
     hist = [{"epoch": i + 1, "val_oiou": v, "val_miou": v / 2, "checkpoint_path": f"/ck/{tid}/{i}"}

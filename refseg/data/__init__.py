@@ -21,10 +21,11 @@ _EXPORTS = {
                    "IMAGENET_MEAN", "IMAGENET_STD"],
     "manifest": ["read_manifest", "write_manifest", "load_mask_png", "read_bytes", "filesystem_and_path"],
     "shards": ["write_shards", "prepare"],
-    "ray_data": ["build_dataset", "count_refs", "SkipTally", "decode_batch", "derangement", "get_tokenizer", "COLUMNS"],
+    "ray_data": ["build_dataset", "count_refs", "SkipTally", "TokenizerSpec", "tokenizer_spec", "get_tokenizer",
+                 "decode_batch", "derangement", "group_refs", "load_refs", "COLUMNS"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
+__all__ = sorted(_WHERE)  # noqa: PLE0605
 
 
 def __getattr__(name: str) -> Any:

@@ -23,8 +23,11 @@ import json
 import logging
 import os
 import posixpath
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any
+
+import numpy as np
 
 from refseg.data.errors import RefSegDataError, SkipReport
 from refseg.data.masks import segmentation_problem
@@ -111,7 +114,7 @@ def _rows(path: str) -> Iterator[tuple[str, Any]]:
             yield f"line {i}", ValueError(f"not JSON ({e.msg})")
 
 
-def _parse_mask(mask: Any, base: str) -> tuple[Any, Optional[str]]:
+def _parse_mask(mask: Any, base: str) -> tuple[Any, str | None]:
     """(segmentation, mask_path): a PNG path, an RLE dict, polygons, or a JSON string of either."""
     if isinstance(mask, str) and mask.lstrip()[:1] in ("{", "["):
         mask = json.loads(mask)
@@ -124,12 +127,12 @@ def _parse_mask(mask: Any, base: str) -> tuple[Any, Optional[str]]:
     raise ValueError("mask must be a PNG path, a COCO RLE dict or a list of polygons")
 
 
-def _opt_int(row: dict, key: str) -> Optional[int]:
+def _opt_int(row: dict, key: str) -> int | None:
     value = row.get(key)
     return None if value is None else int(value)
 
 
-def _record(row: Any, base: str, split: Optional[str], check_files: bool) -> tuple[Optional[dict], str, str]:
+def _record(row: Any, base: str, split: str | None, check_files: bool) -> tuple[dict | None, str, str]:
     """(record or None, skip reason, detail) for one manifest row."""
     if isinstance(row, Exception):
         return None, BAD_ROW, str(row)
@@ -200,8 +203,8 @@ def _fill_ids(records: list[dict]) -> None:
 
 def read_manifest(
     path: str | Path,
-    split: Optional[str] = None,
-    report: Optional[SkipReport] = None,
+    split: str | None = None,
+    report: SkipReport | None = None,
     check_files: bool = True,
 ) -> list[dict]:
     """Records (the dicts of :func:`refseg.data.load_split`) of a JSONL or Parquet manifest.
@@ -286,11 +289,10 @@ def write_manifest(records: Iterable[dict], path: str | Path) -> str:
     return path
 
 
-def load_mask_png(src: str | bytes) -> "np.ndarray":
+def load_mask_png(src: str | bytes) -> np.ndarray:
     """A mask image (PNG path/URI or bytes) -> (H, W) uint8 {0,1}: nonzero pixel = object.
 
     Palette images use their indices (index 0 = background), RGB(A) any non-zero colour channel."""
-    import numpy as np
     from PIL import Image
 
     data = read_bytes(src) if isinstance(src, str) else bytes(src)

@@ -23,7 +23,7 @@ import os
 import posixpath
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -92,7 +92,7 @@ class SkipTally(SkipReport):
             self._actor = _SkipCounter.remote(self.max_examples)
         return self._actor
 
-    def sync(self) -> "SkipTally":
+    def sync(self) -> SkipTally:
         """Merge the counts reported by Ray tasks so far into ``counts`` / ``examples``."""
         if self._actor is None:
             return self
@@ -146,7 +146,7 @@ class FastTokenizer:
 
         self.spec = spec
         self._backend = Tokenizer.from_str(spec.json)
-        self._length: Optional[int] = None
+        self._length: int | None = None
 
     def __call__(self, texts, padding="max_length", truncation=True, max_length=None, return_tensors="np"):
         if padding != "max_length" or not truncation or max_length is None:
@@ -195,7 +195,7 @@ def get_tokenizer(source: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- decoding (in Ray tasks)
-def _texts(batch: dict, i: int, override: Optional[dict]) -> list[tuple[int, str]]:
+def _texts(batch: dict, i: int, override: dict | None) -> list[tuple[int, str]]:
     """(sent_id, sentence) pairs of row ``i``: list columns (ref rows) or one scalar pair."""
     if override is not None:
         return override[int(batch["ref_id"][i])]
@@ -205,7 +205,7 @@ def _texts(batch: dict, i: int, override: Optional[dict]) -> list[tuple[int, str
     return [(int(batch["sent_id"][i]), str(batch["sentence"][i]))]
 
 
-def _known_size(batch: dict, i: int) -> Optional[tuple[int, int]]:
+def _known_size(batch: dict, i: int) -> tuple[int, int] | None:
     """The original (H, W) when the row states it (RLE size, or height/width), else None."""
     if "mask_h" in batch:
         return int(batch["mask_h"][i]), int(batch["mask_w"][i])
@@ -213,7 +213,7 @@ def _known_size(batch: dict, i: int) -> Optional[tuple[int, int]]:
     return (h, w) if h > 0 and w > 0 else None
 
 
-def _image(batch: dict, i: int, target_size: Optional[int]) -> np.ndarray:
+def _image(batch: dict, i: int, target_size: int | None) -> np.ndarray:
     """(h, w, 3) uint8; with ``target_size`` a JPEG may decode at 1/2, 1/4, 1/8 scale (sides >= it)."""
     from refseg.data.transforms import load_image
 
@@ -290,7 +290,7 @@ class _Skips:
         if len(ex) < 3:
             ex.append(detail)
 
-    def flush(self, tally: Optional[SkipTally]) -> None:
+    def flush(self, tally: SkipTally | None) -> None:
         if not self.counts:
             return
         logger.warning("dropped %d samples in this batch: %s (e.g. %s)", sum(self.counts.values()),
@@ -306,7 +306,7 @@ def _empty(size: int, length: int) -> dict:
             **{k: np.zeros((0,), np.int64) for k in ("ref_id", "sent_id", "orig_h", "orig_w")}}
 
 
-def decode_batch(batch: dict, tokenizer: Any, opts: dict, tally: Optional[SkipTally] = None) -> dict:
+def decode_batch(batch: dict, tokenizer: Any, opts: dict, tally: SkipTally | None = None) -> dict:
     """Ref rows -> samples: decode image + mask, augment (train), resize, tokenise; drop bad ones.
 
     ``opts``: image_size, keep_aspect, max_tokens, train, augment, hflip_prob, override (ref_id ->
@@ -358,7 +358,7 @@ def decode_batch(batch: dict, tokenizer: Any, opts: dict, tally: Optional[SkipTa
 class SampleDecoder:
     """Callable class for ``map_batches`` with an actor pool: the tokenizer is loaded once per actor."""
 
-    def __init__(self, tokenizer_source: Any, opts: dict, tally: Optional[SkipTally] = None) -> None:
+    def __init__(self, tokenizer_source: Any, opts: dict, tally: SkipTally | None = None) -> None:
         self.tokenizer = get_tokenizer(tokenizer_source)
         self.opts, self.tally = opts, tally
 
@@ -366,7 +366,7 @@ class SampleDecoder:
         return decode_batch(batch, self.tokenizer, self.opts, self.tally)
 
 
-def _decode_task(batch: dict, tokenizer_source: Any, opts: dict, tally: Optional[SkipTally] = None) -> dict:
+def _decode_task(batch: dict, tokenizer_source: Any, opts: dict, tally: SkipTally | None = None) -> dict:
     """Task-based ``map_batches`` function: the tokenizer is cached per worker process."""
     return decode_batch(batch, get_tokenizer(tokenizer_source), opts, tally)
 
@@ -403,7 +403,7 @@ def _shuffled_texts(texts: dict[int, list], seed: int) -> dict[int, list]:
     return {ids[i]: texts[ids[int(perm[i])]] for i in range(len(ids))}
 
 
-def _cap(refs: list[dict], max_samples: Optional[int], train: bool) -> list[dict]:
+def _cap(refs: list[dict], max_samples: int | None, train: bool) -> list[dict]:
     """At most ``max_samples`` samples: refs for training, sentences for evaluation."""
     if max_samples is None:
         return refs
@@ -434,12 +434,13 @@ def _refs_table(refs: list[dict]) -> pa.Table:
     })
 
 
-def load_refs(data_cfg: DataConfig, split: str, report: Optional[SkipReport] = None) -> list[dict]:
+def load_refs(data_cfg: DataConfig, split: str, report: SkipReport | None = None) -> list[dict]:
     """The usable refs of ``split`` from the refer files or the manifest (listing-time skips -> report)."""
     if data_cfg.source == "refer":
         from refseg.data.refer import load_split_refs
 
-        if data_cfg.synthetic:
+        refs_file = os.path.join(os.path.expanduser(data_cfg.root), data_cfg.dataset, f"refs({data_cfg.split_by}).p")
+        if data_cfg.synthetic and not os.path.exists(refs_file):  # never touches a real set at root
             from refseg.data.synthetic import ensure_synthetic
 
             ensure_synthetic(data_cfg.root, data_cfg.synthetic_images, data_cfg.synthetic_seed)
@@ -474,7 +475,8 @@ def _collapse_refs(group: pa.Table) -> pa.Table:
     return first.append_column("ref_sentences", pa.array([group.column("sentence").to_pylist()], pa.list_(pa.string())))
 
 
-def _parquet_dataset(path: str, ref_level: bool, shuffle_seed: Optional[int]) -> ray.data.Dataset:
+def _parquet_dataset(path: str, ref_level: bool, shuffle_seed: int | None, num_cpus: float = 1.0
+                     ) -> ray.data.Dataset:
     """Shards of one split: ref rows (first row of each ref) or one row per sentence.
 
     ``shuffle_seed``: read the files in a new random order every execution (epoch), seeded."""
@@ -489,7 +491,7 @@ def _parquet_dataset(path: str, ref_level: bool, shuffle_seed: Optional[int]) ->
     shuffle = None
     if shuffle_seed is not None:
         shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
-    ds = ray.data.read_parquet(inner, filesystem=fs, shuffle=shuffle)
+    ds = ray.data.read_parquet(inner, filesystem=fs, shuffle=shuffle, num_cpus=num_cpus)
     if "ref_sentences" in names:  # written by write_shards: the first row of a ref lists all its sentences
         if not ref_level:
             return ds.select_columns(base + ["sent_id", "sentence"])
@@ -515,7 +517,7 @@ def _cap_parquet(ds: ray.data.Dataset, texts: dict[int, list], n: int, train: bo
 
 
 # ----------------------------------------------------------------------------- the builder
-def _default_workers() -> Optional[int]:
+def _default_workers() -> int | None:
     """At most one concurrent map task per cluster CPU (None before ray.init: Ray Data decides).
 
     More tasks than CPUs (map_cpus < 1) means more worker processes than Ray's idle-worker soft limit
@@ -525,8 +527,8 @@ def _default_workers() -> Optional[int]:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _map_batch_rows(image_size: int, train: bool = True, num_refs: Optional[int] = None,
-                    workers: Optional[int] = None) -> int:
+def _map_batch_rows(image_size: int, train: bool = True, num_refs: int | None = None,
+                    workers: int | None = None) -> int:
     """Refs per map task (= per input block): ~96 MB of decoded output, 8..128 refs.
 
     Measured on 2 cores: each Ray Data task costs ~0.05-0.1 s of scheduling, so 16-ref tasks ran 1.5-2x
@@ -545,23 +547,26 @@ def build_dataset(
     *,
     train: bool,
     tokenizer_source: Any,
-    seed: Optional[int] = None,
-    report: Optional[SkipReport] = None,
+    seed: int | None = None,
+    report: SkipReport | None = None,
     compute: str = "tasks",
-    shard: Optional[tuple[int, int]] = None,
+    shard: tuple[int, int] | None = None,
 ) -> ray.data.Dataset:
     """A Ray Dataset of decoded samples of ``split`` (columns :data:`COLUMNS`, see the module doc).
 
     ``train``: one random sentence per ref per epoch, augmentation when ``data_cfg.augment``;
     otherwise every sentence. ``tokenizer_source``: a TextConfig, a tokenizer name/dir/vocab, or a
-    tokenizer. ``seed`` fixes the block order's base seed and the shuffle_expressions derangement
-    (default ``data_cfg.synthetic_seed``). ``report``: listing-time skips are added to it; pass a
-    :class:`SkipTally` to also collect skips from the Ray tasks. ``compute``: "tasks" (tokenizer cached
-    per worker process) or "actors" (an ActorPoolStrategy of ``data_cfg.num_read_tasks or 2`` actors).
+    tokenizer (loaded once here; workers get its torch-free :class:`TokenizerSpec`). ``seed`` (default 0)
+    fixes the shuffle_expressions derangement and the base of the per-epoch block / file order; the
+    per-epoch sentence draw and augmentation are unseeded on purpose. ``report``: listing-time skips
+    are added to it; pass a :class:`SkipTally` to also count the skips found inside the Ray tasks.
+    ``compute``: "tasks" (default, measured fastest on 2 cores) or "actors" (an ActorPoolStrategy,
+    whose actors restart every epoch). Map concurrency: ``data_cfg.num_read_tasks`` or one task per
+    cluster CPU; ``data_cfg.map_cpus`` CPUs reserved per task (the Parquet read tasks too).
     ``shard=(index, count)``: keep only refs with ``ref_id % count == index`` (before any decoding), so
     ``count`` workers each score a disjoint part of an evaluation split and together every sample.
     """
-    seed = data_cfg.synthetic_seed if seed is None else seed
+    seed = 0 if seed is None else seed
     size = data_cfg.image_size
     workers = data_cfg.num_read_tasks or _default_workers()
     rows = _map_batch_rows(size, train)
@@ -572,9 +577,11 @@ def build_dataset(
         path = posixpath.join(data_cfg.parquet, split) if is_uri(data_cfg.parquet) else os.path.join(
             os.path.abspath(os.path.expanduser(data_cfg.parquet)), split)
         ref_level = train or data_cfg.shuffle_expressions
-        ds = _parquet_dataset(path, ref_level, seed if train else None)
+        ds = _parquet_dataset(path, ref_level, seed if train else None, data_cfg.map_cpus)
         if shard is not None:
-            ds = ds.map_batches(_keep_shard, fn_args=(shard,), batch_format="pyarrow")
+            from ray.data.expressions import col
+
+            ds = ds.filter(expr=(col("ref_id") % shard[1]) == shard[0])  # pushed into the read
         if data_cfg.shuffle_expressions or data_cfg.max_samples is not None:
             texts = _parquet_texts(path)  # light columns only
             if data_cfg.shuffle_expressions:
@@ -587,18 +594,19 @@ def build_dataset(
         if not refs:
             raise RefSegDataError(f"split '{split}' of {data_cfg.source} data has no usable samples"
                                   + (f" ({report.summary()})" if report is not None else ""))
-        if shard is not None:
-            refs = [r for r in refs if int(r["ref_id"]) % shard[1] == shard[0]]
+        refs = _cap(refs, data_cfg.max_samples, train)  # file order: the same samples every run
         if data_cfg.shuffle_expressions:
             texts = {int(r["ref_id"]): list(zip(r["sent_ids"], r["sentences"])) for r in refs}
             new = _shuffled_texts(texts, seed)
             refs = [{**r, "sent_ids": [s for s, _ in new[r["ref_id"]]],
                      "sentences": [t for _, t in new[r["ref_id"]]]} for r in refs]
+        if shard is not None:
+            refs = [r for r in refs if int(r["ref_id"]) % shard[1] == shard[0]]  # may leave none
         if train:  # mix refs across blocks once; block order is re-drawn every epoch below
             refs = [refs[i] for i in np.random.default_rng(seed).permutation(len(refs))]
-        table = _refs_table(_cap(refs, data_cfg.max_samples, train))
+        table = _refs_table(refs)
         rows = _map_batch_rows(size, train, table.num_rows, workers)
-        ds = ray.data.from_arrow([table.slice(i, rows) for i in range(0, table.num_rows, rows)])
+        ds = ray.data.from_arrow([table.slice(i, rows) for i in range(0, table.num_rows, rows)] or [table])
         if train:  # the blocks are in memory already: a new block order every epoch costs nothing
             ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
     opts = {"image_size": size, "keep_aspect": data_cfg.keep_aspect, "max_tokens": data_cfg.max_tokens,
@@ -607,7 +615,7 @@ def build_dataset(
     tally = report if isinstance(report, SkipTally) else None
     if tally is not None:
         tally.handle()
-    common = dict(batch_size=rows, batch_format="numpy", num_cpus=data_cfg.map_cpus)
+    common = {"batch_size": rows, "batch_format": "numpy", "num_cpus": data_cfg.map_cpus}
     if compute == "actors":
         ds = ds.map_batches(SampleDecoder, fn_constructor_args=(tok, opts, tally),
                             compute=ray.data.ActorPoolStrategy(size=workers or 2), **common)
@@ -617,12 +625,6 @@ def build_dataset(
     else:
         raise ValueError(f"compute must be 'tasks' or 'actors', got {compute!r}")
     return ds
-
-
-def _keep_shard(batch: pa.Table, shard: tuple[int, int]) -> pa.Table:
-    """Rows whose ``ref_id % count == index`` (all sentences of a ref stay on one shard)."""
-    index, count = shard
-    return batch.filter(pa.array(batch.column("ref_id").to_numpy() % count == index))
 
 
 def count_refs(data_cfg: DataConfig, split: str) -> int:

@@ -20,9 +20,10 @@ import logging
 import posixpath
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -59,7 +60,7 @@ def _group_refs(records: Iterable[dict]) -> list[list[dict]]:
     return list(refs.values())
 
 
-def _read_image(path: str) -> tuple[Optional[bytes], Optional[str], Any]:
+def _read_image(path: str) -> tuple[bytes | None, str | None, Any]:
     """(bytes, skip reason, (height, width)) of an image file, checking its header only."""
     from PIL import Image
 
@@ -70,7 +71,7 @@ def _read_image(path: str) -> tuple[Optional[bytes], Optional[str], Any]:
     try:
         with Image.open(io.BytesIO(data)) as img:
             return data, None, (img.height, img.width)
-    except Exception as e:  # PIL raises many types for junk bytes
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:  # junk bytes
         return None, CORRUPT_IMAGE, f"{path}: {type(e).__name__}"
 
 
@@ -185,8 +186,8 @@ def write_shards(
     out: str | Path,
     *,
     rows_per_shard: int = 1000,
-    split: Optional[str] = None,
-    report: Optional[SkipReport] = None,
+    split: str | None = None,
+    report: SkipReport | None = None,
     io_threads: int = 8,
 ) -> dict[str, int]:
     """Write records (or the records of a manifest path) as ``<out>/<split>/part-XXXXX.parquet``.
@@ -213,11 +214,11 @@ def prepare(
     split_by: str,
     out: str | Path,
     *,
-    splits: Optional[list[str]] = None,
-    image_dir: Optional[str] = None,
-    manifest: Optional[str] = None,
+    splits: list[str] | None = None,
+    image_dir: str | None = None,
+    manifest: str | None = None,
     rows_per_shard: int = 1000,
-    report: Optional[SkipReport] = None,
+    report: SkipReport | None = None,
 ) -> dict[str, int]:
     """``refseg prepare``: write the splits of a refer-format dataset (or of a manifest) as shards.
 

@@ -48,7 +48,7 @@ class RefSegModel(nn.Module):
         ph, pw = (-H) % SIZE_DIVISOR, (-W) % SIZE_DIVISOR
         if ph or pw:
             image = F.pad(image, (0, pw, 0, ph))
-        feats = self.vision(image)  # {stride: (B, C, Hp/stride, Wp/stride)}
+        feats = {int(k): v for k, v in self.vision(image).items()}  # {stride: (B, C, Hp/stride, Wp/stride)}
         words, sentence = self.text(input_ids, attention_mask)  # (B, L, Dt), (B, Dt)
         fused, sent, attn = self.fusion(self._fusion_input(feats), words, attention_mask, sentence, return_attn)
         logits = self.decoder(fused, feats, sent)  # (B, 1, Hp*, Wp*)

@@ -3,7 +3,7 @@
     enc = VisionEncoder("tiny", weights=None, widths=[16, 32, 64, 128], blocks=[1, 1, 1, 1],
                         norm="bn", fpn_channels=64)
     feats = enc(images)          # images (B, 3, H, W), H and W divisible by 32
-    feats[4].shape               # (B, fpn_channels, H/4, W/4); keys 4, 8, 16, 32 (strides)
+    feats["4"].shape             # (B, fpn_channels, H/4, W/4); keys "4", "8", "16", "32" (strides)
 """
 
 from __future__ import annotations
@@ -184,7 +184,10 @@ class VisionEncoder(nn.Module):
         self.fpn = FeaturePyramidNetwork(self.channels, fpn_channels)
         self.out_channels = fpn_channels
 
-    def forward(self, image: torch.Tensor) -> dict[int, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """image (B,3,H,W) -> {"4": (B,C,H/4,W/4), "8": ..., "16": ..., "32": ...}.
+
+        Keys are strings: DeepSpeed ZeRO-3's forward hooks walk module outputs and need str keys."""
         b = self.body
         if isinstance(b, TinyResNet):
             x = b.stem(image)  # (B, C0, H/4, W/4)
@@ -194,5 +197,4 @@ class VisionEncoder(nn.Module):
         for stride, layer in zip(STRIDES, (b.layer1, b.layer2, b.layer3, b.layer4)):
             x = layer(x)
             feats[str(stride)] = x
-        out = self.fpn(feats)
-        return {int(k): v for k, v in out.items()}
+        return dict(self.fpn(feats))

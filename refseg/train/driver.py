@@ -8,6 +8,7 @@ metrics.jsonl, curves.png, model.pt (consolidated fp32 + resolved config), summa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -89,9 +90,11 @@ def build_datasets(cfg: Config, world: int) -> tuple[dict, int]:
     datasets = {"train": build_dataset(data, data.train_split, train=True, tokenizer_source=cfg.model.text)}
     train_rows = count_refs(data, data.train_split)
     if cfg.train.val_every:
+        # validation always pairs images with their own expressions, also in the shuffled control run
+        val_data = dataclasses.replace(data, shuffle_expressions=False)
         for r in range(world):
             datasets[f"val_{r}"] = build_dataset(
-                data, data.val_split, train=False, tokenizer_source=cfg.model.text, shard=(r, world)
+                val_data, data.val_split, train=False, tokenizer_source=cfg.model.text, shard=(r, world)
             )
     return datasets, train_rows
 
@@ -135,6 +138,24 @@ def run_training(
     probe_path: str | None = None,
 ) -> dict:
     """Train ``cfg`` and write every output into ``output_dir``; returns the summary dict."""
+    trainer, meta = make_trainer(cfg, output_dir, resume=resume, local=local, address=address,
+                                 probe_path=probe_path)
+    return finish_training(trainer.fit(), meta)
+
+
+def make_trainer(
+    cfg: Config,
+    output_dir: str | Path,
+    *,
+    resume: bool = False,
+    local: bool = False,
+    address: str | None = None,
+    probe_path: str | None = None,
+    callbacks: list | None = None,
+):
+    """Everything ``run_training`` does before ``fit()``; returns (TorchTrainer, meta for finish_training).
+
+    ``callbacks``: Ray Train ``UserCallback``s for the RunConfig (a Tune trial passes TuneReportCallback)."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -201,12 +222,18 @@ def run_training(
                 checkpoint_score_attribute="val_oiou" if cfg.train.val_every else None,
                 checkpoint_score_order="max",
             ),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
     )
-    result = trainer.fit()
+    return trainer, {"cfg": cfg, "out": out, "local": local, "steps_per_epoch": spe, "t0": t0}
+
+
+def finish_training(result, meta: dict) -> dict:
+    """After ``fit()``: raise the run's error, else write every output (report.write_outputs)."""
     if result.error is not None:
         raise result.error
-    return write_outputs(cfg, out, result, local=local, steps_per_epoch=spe, wall_s=time.time() - t0)
+    return write_outputs(meta["cfg"], meta["out"], result, local=meta["local"],
+                         steps_per_epoch=meta["steps_per_epoch"], wall_s=time.time() - meta["t0"])
