@@ -1,17 +1,21 @@
 """Input pipeline throughput: Ray Data vs torch DataLoader vs one core, same decode+transform+tokenise.
 
-    python bench/data_pipeline.py                      # 300 synthetic images, sizes 128 and 480
-    python bench/data_pipeline.py --images 100 --sizes 128 --epochs 1
+    python bench/data_pipeline.py                      # 300 synthetic images, sizes 128 and 480 (~4 min)
+    python bench/data_pipeline.py --images 600 --rounds 3 --variants
 
 Every path runs the same per-batch function (:func:`refseg.data.ray_data.decode_batch`: decode the
 JPEG and the mask, resize to S x S, normalise, tokenise one drawn sentence per ref) over the training
-refs of a synthetic refer-format set with COCO-like image sizes:
-  (a) Ray Data: ``build_dataset(..., train=True)`` consumed with ``iter_torch_batches`` (2 CPUs),
-      for several map strategies (tasks / actor pool, CPUs per task); the default is reported last;
-  (b) ``torch.utils.data.DataLoader(num_workers=2, persistent_workers=True)`` over the same ref rows;
+refs of a synthetic refer-format set with COCO-like image sides (320-640 px):
+  (a) Ray Data: ``build_dataset(cfg.data, "train", train=True)`` with the default settings (tasks,
+      one per CPU, map_cpus=0.5) on ``ray.init(num_cpus=2)``, consumed with ``iter_torch_batches(32)``;
+      ``--variants`` also times other map strategies (more tasks, CPUs per task, actor pools);
+  (b) ``torch.utils.data.DataLoader(num_workers=2, persistent_workers=True)``, one batch of 32 refs per item;
   (c) one process, one core: a plain loop calling the same function.
-Rates are steady state (one warm-up epoch first, which also pays worker start-up, printed apart).
-The last line is ``... ratio=<Ray Data / DataLoader>`` for the default configuration at the first size.
+(a) and (b) alternate for ``--rounds`` rounds of ``--epochs`` epochs after one warm-up epoch each (which
+pays worker start-up, printed apart); the best round is kept, so load from other processes on the
+machine hits both alike. Sizes >= 256 use the first ``--max-refs-480`` refs (time budget).
+Every Ray Data epoch pays ~0.5-1 s of fixed start-up (a new streaming execution): short epochs
+understate it. The last line is ``... ratio=<Ray Data / DataLoader>`` at the first size.
 """
 
 from __future__ import annotations

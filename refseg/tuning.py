@@ -216,20 +216,72 @@ def max_concurrent_trials(need: dict[str, float], cluster: dict[str, float], req
 
 
 # ----------------------------------------------------------------------------- one trial
-def _val_report_callback(metric: str):
-    """A TuneReportCallback forwarding only the epochs that carry ``metric`` (validated epochs):
-    Tune insists that every result holds the metric, and ASHA/Optuna compare only those."""
+# ASHA's decisions are carried out by the trial itself. Tune would otherwise kill the trial's actor, and
+# the Train run inside dies ungracefully: its workers' placement group is freed only by Train's cleaner,
+# which needs the dashboard (off here) and one Ray instance per machine. The leaked CPUs starve the next
+# trials' data pipelines (seen: a sweep hung). So the scheduler writes DECISION for every result and
+# returns CONTINUE; the trial's report callback waits for it and, on "stop", ends the Train run (the
+# controller then shuts its workers down and frees their resources).
+DECISION = "asha.json"
+DECISION_WAIT_S = 60.0
+
+
+class EarlyStopped(RuntimeError):
+    """Raised in the Train controller to end a run that ASHA stopped."""
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _asha(sweep_dir: str, **kw):
+    """Tune's ASHAScheduler whose STOP is recorded in ``trials/<id>/asha.json`` instead of enacted."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class GracefulASHA(ASHAScheduler):
+        def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+            action = super().on_trial_result(tune_controller, trial, result)
+            if "epoch" in result:
+                _write_json(Path(sweep_dir) / "trials" / trial.trial_id / DECISION,
+                            {"epoch": result["epoch"], "stop": action == TrialScheduler.STOP})
+            return TrialScheduler.CONTINUE
+
+    return GracefulASHA(**kw)
+
+
+def _report_callback(metric: str, decision: Path | None):
+    """A TuneReportCallback (runs in the Train controller) that forwards only the epochs carrying
+    ``metric`` (Tune requires it in every result) and, with ASHA, obeys the decision on each one."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    class _ValReportCallback(TuneReportCallback):
+    class ValReportCallback(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            if metrics and metric in metrics[0]:
-                super().after_report(run_context, metrics, checkpoint)
+            if not metrics or metric not in metrics[0]:
+                return
+            super().after_report(run_context, metrics, checkpoint)
+            epoch, deadline = metrics[0].get("epoch"), time.time() + DECISION_WAIT_S
+            while decision is not None and epoch is not None and time.time() < deadline:
+                d = _read_json(decision)
+                if d and d["epoch"] >= epoch:
+                    if d["stop"]:
+                        raise EarlyStopped(f"ASHA stopped this trial after epoch {epoch}")
+                    return
+                time.sleep(0.2)
 
-    return _ValReportCallback()
+    return ValReportCallback()
 
 
-def train_trial(params: dict, *, base: dict, sweep_dir: str, metric: str) -> None:
+def train_trial(params: dict, *, base: dict, sweep_dir: str, metric: str, asha: bool = False) -> None:
     """Tune function trainable: one ``refseg train`` run in ``<sweep_dir>/trials/<trial_id>/``."""
     import ray.tune
 
@@ -246,8 +298,20 @@ def train_trial(params: dict, *, base: dict, sweep_dir: str, metric: str) -> Non
         return
     # a restarted trial (interrupted sweep, resumed error) continues its Train run from its checkpoint
     trainer, meta = make_trainer(cfg, out, resume=(out / "run.json").is_file(),
-                                 callbacks=[_val_report_callback(metric)])
-    finish_training(trainer.fit(), meta)
+                                 callbacks=[_report_callback(metric, out / DECISION if asha else None)])
+    try:
+        result = trainer.fit()
+    except Exception:
+        if _stopped(out):
+            return
+        raise
+    if result.error is not None and _stopped(out):
+        return
+    finish_training(result, meta)
+
+
+def _stopped(trial_dir: Path) -> bool:
+    return bool((_read_json(trial_dir / DECISION) or {}).get("stop"))
 
 
 def _trial_dirname(trial) -> str:
@@ -287,9 +351,9 @@ def _tuner(trainable, space: dict, cfg: Config, state: dict):
     t = cfg.tune
     max_t = max(int(max(space["train.epochs"][1])) if "train.epochs" in space else 0, cfg.train.epochs)
     scheduler = None
-    if t.scheduler == "asha":
-        scheduler = tune.schedulers.ASHAScheduler(time_attr="epoch", grace_period=t.grace_period,
-                                                  max_t=max(max_t, t.grace_period))
+    if t.scheduler == "asha":  # a trial that trained to max_t is done, not stopped
+        scheduler = _asha(state["output_dir"], time_attr="epoch", grace_period=t.grace_period,
+                          max_t=max(max_t, t.grace_period), stop_last_trials=False)
     # Tune ignores max_concurrent_trials for a BasicVariantGenerator instance: give it the limit itself
     limit = state["max_concurrent"]
     if t.search == "optuna":
@@ -320,7 +384,7 @@ def _trainable(state: dict):
     from ray import tune
 
     fn = tune.with_parameters(train_trial, base=state["base"], sweep_dir=state["output_dir"],
-                              metric=state["metric"])
+                              metric=state["metric"], asha=state["scheduler"] == "asha")
     return tune.with_resources(fn, {"CPU": TRIAL_CPUS})
 
 
@@ -349,7 +413,7 @@ def run_sweep(base: dict, space_data: Any, output_dir: str | Path, *, num_sample
                   if cfg.train.storage_path else str(out / "tune"))
     state = {"base": base, "space": _fix_floats(space_data), "output_dir": str(out), "experiment_path": experiment,
              "metric": cfg.tune.metric, "mode": cfg.tune.mode, "num_samples": num_samples or cfg.tune.num_samples,
-             "max_concurrent": concurrent, "per_trial": need}
+             "max_concurrent": concurrent, "per_trial": need, "scheduler": cfg.tune.scheduler}
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(state, indent=1))
     log.warning("sweep: %d trials, at most %d at once (%g CPUs + %g GPUs each), outputs in %s",
@@ -419,9 +483,7 @@ def collect_trials(state: dict) -> list[dict]:
         status = {"ERROR": "error", "PENDING": "pending", "RUNNING": "interrupted", "PAUSED": "interrupted"}.get(
             trial.status)
         if status is None:  # TERMINATED: trained to the end, or stopped early by the scheduler
-            epochs = trial_config(state["base"], trial.config).train.epochs
-            done = (tdir / "summary.json").is_file() or (history and history[-1]["epoch"] >= epochs)
-            status = "completed" if done else "early_stopped"
+            status = "early_stopped" if _stopped(tdir) else "completed"
         records.append({"trial_id": trial.trial_id, "params": {k: _plain(v) for k, v in trial.config.items()},
                         "status": status, "history": history, "error": error, "trial_dir": str(tdir)})
     return records

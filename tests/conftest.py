@@ -34,7 +34,8 @@ def ray_session():
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=RAY_NUM_CPUS, object_store_memory=RAY_OBJECT_STORE_BYTES,
-                 include_dashboard=False, ignore_reinit_error=True, logging_level=logging.WARNING)
+                 include_dashboard=False, ignore_reinit_error=True, logging_level=logging.WARNING,
+                 runtime_env={"env_vars": {"RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": "90"}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 from refseg.config import Config, ConfigError
+from refseg.train.ds_config import check_precision
 from refseg.train.report import write_outputs
 
 log = logging.getLogger("refseg.train")
@@ -55,7 +56,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        # A rank blocked in a CPU collective can stall Ray Train's health check of the group for
+        # its 10-minute default after a peer dies; on a local instance, notice within 90 s.
+        env = {"RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", "90")}
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
 
 
 def check_resources(cfg: Config, local: bool) -> None:
@@ -163,6 +167,7 @@ def make_trainer(
     from refseg.train.loop import train_loop_per_worker
 
     t0 = time.time()
+    check_precision(cfg.train.precision, cuda=cfg.train.use_gpu)  # fail before any Ray work
     out = Path(output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg = absolutize(cfg)
