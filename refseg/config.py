@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 class VisionConfig:
     backbone: str = "resnet101"  # resnet101 | resnet50 | resnet34 | resnet18 | tiny
     # torchvision weights name (e.g. "IMAGENET1K_V2"), a local .pt/.pth state-dict file, or null
-    weights: Optional[str] = "IMAGENET1K_V2"
+    weights: str | None = "IMAGENET1K_V2"
     widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])  # only for backbone=tiny
     blocks: list[int] = field(default_factory=lambda: [1, 1, 1, 1])  # only for backbone=tiny
     norm: str = "frozen_bn"  # bn | frozen_bn | gn
@@ -43,8 +43,8 @@ class TextConfig:
     # Hugging Face hub name or local directory for from_pretrained; ignored when bert_config is set
     encoder: str = "bert-base-uncased"
     # kwargs for transformers.BertConfig -> random init (tiny preset / tests); null = from_pretrained
-    bert_config: Optional[dict] = None
-    tokenizer: Optional[str] = None  # hub name / local dir; null = same as encoder
+    bert_config: dict | None = None
+    tokenizer: str | None = None  # hub name / local dir; null = same as encoder
     lstm_hidden: int = 128  # per direction
     dim: int = 256  # output width of word and sentence features
     freeze_encoder: bool = False
@@ -72,7 +72,7 @@ class LossConfig:
 
 @dataclass
 class ModelConfig:
-    preset: Optional[str] = None  # r101 | r50 | tiny: fills every field below it does not override
+    preset: str | None = None  # r101 | r50 | tiny: fills every field below it does not override
     dim: int = 256
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -88,9 +88,9 @@ class DataConfig:
     root: str = "data"  # refer layout root (refcoco/, images/mscoco/images/train2014/)
     dataset: str = "refcoco"  # refcoco | refcoco+ | refcocog
     split_by: str = "unc"  # unc | umd | google
-    image_dir: Optional[str] = None  # explicit COCO train2014 dir; null = refer's default under root
-    parquet: Optional[str] = None  # shards root (local, s3://, gs://): <parquet>/<split>/*.parquet
-    manifest: Optional[str] = None  # JSONL/Parquet manifest; may contain "{split}"
+    image_dir: str | None = None  # explicit COCO train2014 dir; null = refer's default under root
+    parquet: str | None = None  # shards root (local, s3://, gs://): <parquet>/<split>/*.parquet
+    manifest: str | None = None  # JSONL/Parquet manifest; may contain "{split}"
     train_split: str = "train"
     val_split: str = "val"
     synthetic: bool = False  # create a synthetic refer-format set at `root` when it is missing
@@ -102,8 +102,8 @@ class DataConfig:
     augment: bool = False
     hflip_prob: float = 0.5  # only with augment; left/right words are swapped with the image
     shuffle_expressions: bool = False  # control run: pair every image with another ref's expression
-    max_samples: Optional[int] = None  # cap per split (quick runs)
-    num_read_tasks: Optional[int] = None  # Ray Data parallelism of the decode/transform stage
+    max_samples: int | None = None  # cap per split (quick runs)
+    num_read_tasks: int | None = None  # Ray Data parallelism of the decode/transform stage
     map_cpus: float = 0.5  # CPUs reserved per Ray Data map task
 
 
@@ -125,21 +125,21 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
-    storage_path: Optional[str] = None  # shared FS / s3:// for multi-node; null = ~/ray_results
-    name: Optional[str] = None
+    storage_path: str | None = None  # shared FS / s3:// for multi-node; null = ~/ray_results
+    name: str | None = None
     max_failures: int = 0
     val_every: int = 1  # epochs; 0 disables validation
     keep_checkpoints: int = 2  # best K by val oIoU (the latest is always kept too)
     checkpoint_every: int = 1  # epochs
     log_every: int = 10  # steps
-    max_steps_per_epoch: Optional[int] = None
-    fail_at_step: Optional[int] = None  # test hook: rank 1 exits at this global step, first attempt only
+    max_steps_per_epoch: int | None = None
+    fail_at_step: int | None = None  # test hook: rank 1 exits at this global step, first attempt only
 
 
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 2  # 0 (plain data parallel) | 1 | 2 | 3
-    config_file: Optional[str] = None  # a DeepSpeed JSON merged under the generated config
+    config_file: str | None = None  # a DeepSpeed JSON merged under the generated config
     overlap_comm: bool = False
     offload_optimizer: bool = False
     extra: dict = field(default_factory=dict)  # raw DeepSpeed keys merged last
@@ -157,13 +157,13 @@ class EvalConfig:
 @dataclass
 class TuneConfig:
     num_samples: int = 8
-    max_concurrent: Optional[int] = None
+    max_concurrent: int | None = None
     metric: str = "val_oiou"
     mode: str = "max"
     scheduler: str = "asha"  # asha | none
     grace_period: int = 1
     search: str = "random"  # random | optuna
-    space: Optional[str] = None
+    space: str | None = None
 
 
 @dataclass

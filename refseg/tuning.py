@@ -501,18 +501,17 @@ def write_sweep_outputs(out: Path, state: dict, *, wall_s: float = 0.0, records:
     records = collect_trials(state) if records is None else records
     metric, mode = state["metric"], state["mode"]
     keys = list(state["space"])
+    extra = [] if metric in ("val_oiou", "val_miou") else [metric]
     with open(out / "trials.csv.tmp", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["trial_id", *keys, f"best_{metric}", "best_val_oiou", "best_val_miou", "best_epoch",
-                    "epochs_run", "status", "error", "trial_dir"])
+        w.writerow(["trial_id", *keys, "best_val_oiou", "best_val_miou", *[f"best_{m}" for m in extra],
+                    "best_epoch", "epochs_run", "status", "error", "trial_dir"])
         for r in records:
-            best = _best_of(r["history"], metric, mode) or {}
-            w.writerow([r["trial_id"], *[json.dumps(r["params"].get(k)) if isinstance(r["params"].get(k), list)
-                                          else r["params"].get(k) for k in keys],
-                        best.get(metric), max((h["val_oiou"] for h in r["history"] if "val_oiou" in h), default=None),
-                        max((h["val_miou"] for h in r["history"] if "val_miou" in h), default=None),
-                        best.get("epoch"), max((h["epoch"] for h in r["history"]), default=0),
-                        r["status"], r["error"] or "", r["trial_dir"]])
+            h, best = r["history"], _best_of(r["history"], metric, mode) or {}
+            values = [json.dumps(v) if isinstance(v := r["params"].get(k), list) else v for k in keys]
+            top = [max((x[m] for x in h if m in x), default=None) for m in ("val_oiou", "val_miou")]
+            w.writerow([r["trial_id"], *values, *top, *[best.get(m) for m in extra], best.get("epoch"),
+                        max((x["epoch"] for x in h), default=0), r["status"], r["error"] or "", r["trial_dir"]])
     os.replace(out / "trials.csv.tmp", out / "trials.csv")
     _plot_trials(records, metric, out / "trials.png")
     ranked = [(r, b) for r in records if (b := _best_of(r["history"], metric, mode)) is not None]
@@ -554,6 +553,7 @@ def _plot_trials(records: list[dict], metric: str, path: Path) -> None:
         if pts:
             ax.plot(*zip(*pts), marker="o", label=f"{r['trial_id']} ({r['status']})")
     ax.set(xlabel="epoch", ylabel=metric.replace("val_", "val "), title=f"{metric} per trial")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     if ax.lines:
         ax.legend(fontsize="small")
     fig.tight_layout()

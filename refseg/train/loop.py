@@ -13,8 +13,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,14 +87,12 @@ def train_epoch(engine, batches: Iterable[dict], cfg: Config, state: dict, ctx: 
     engine.train()
     losses, samples, t0 = [], 0, time.perf_counter()
     max_micro = (cfg.train.max_steps_per_epoch or 0) * cfg.train.grad_accum
-    micro = 0
-    for batch in batches:
+    for micro, batch in enumerate(batches, start=1):
         image, ids, attn, mask = to_inputs(batch, device, dtype)
         out = engine(image, ids, attn)
         loss = refseg_loss(out["logits"], mask, cfg.model.loss.bce_weight, cfg.model.loss.dice_weight)
         engine.backward(loss)
         engine.step()
-        micro += 1
         samples += image.shape[0]
         losses.append(float(loss.detach()))
         if micro % cfg.train.grad_accum == 0:
@@ -135,7 +134,7 @@ def validate(engine, batches: Iterable[dict], ctx: dict) -> dict:
         "val_samples": result["num_samples"],
     }
     for t, v in result["precision_at"].items():
-        out[f"val_prec_{int(round(float(t) * 100))}"] = v
+        out[f"val_prec_{round(float(t) * 100)}"] = v
     return out
 
 
@@ -211,7 +210,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_ctx = ray.train.get_context()
     rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
     if not cfg.train.use_gpu:
-        torch.set_num_threads(max(1, int(math.floor(cfg.train.cpus_per_worker))))
+        torch.set_num_threads(max(1, math.floor(cfg.train.cpus_per_worker)))
     device = pick_device(cfg.train.use_gpu)
     steps_per_epoch = int(loop_config["steps_per_epoch"])
     engine, scheduler = setup_engine(cfg, steps_per_epoch * cfg.train.epochs, device)
