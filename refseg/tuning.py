@@ -9,10 +9,12 @@ A search space is YAML mapping dotted config keys to one distribution each::
     train.lr: {loguniform: [1.0e-5, 1.0e-3]}     # also {uniform: [lo, hi]}, {randint: [lo, hi]} (hi inclusive)
 
 Every trial is a Tune function trainable (the "train driver" of Ray's Train+Tune user guide): it builds
-the trial's config, then runs the same ``make_trainer`` / ``finish_training`` as ``refseg train`` into
-``DIR/trials/<trial_id>/``; a :class:`_ValReportCallback` forwards each validated epoch to Tune, where ASHA
-(``tune.scheduler``) stops weak trials on ``tune.metric``. Outputs in DIR: trials.csv, best.yaml,
-summary.json, trials.png, sweep.json (what --resume needs) and tune/ (Tune's experiment state).
+the trial's config and runs the same ``make_trainer`` / ``finish_training`` as ``refseg train`` into
+``DIR/trials/<trial_id>/``; a TuneReportCallback subclass forwards each validated epoch to Tune, where ASHA
+(``tune.scheduler``) picks weak trials on ``tune.metric`` and the trial ends its own Train run (see
+``DECISION``). At most as many trials run at once as leave CPUs for Ray Data (:func:`max_concurrent_trials`).
+Outputs in DIR: trials.csv, best.yaml, summary.json, trials.png, sweep.json (what --resume needs) and
+tune/ (Tune's experiment state).
 """
 
 from __future__ import annotations
@@ -398,6 +400,8 @@ def run_sweep(base: dict, space_data: Any, output_dir: str | Path, *, num_sample
     if (out / "sweep.json").exists():
         raise ConfigError(f"output dir '{out}' already holds a sweep; pass --resume {out} to continue it "
                           "or choose a new --output-dir")
+    if (num_samples or 1) < 1:
+        raise ConfigError(f"--num-samples must be at least 1, got {num_samples}")
     base = _absolute_paths(base)
     space = parse_space(space_data, base, where=space_name)
     cfg = trial_config(base, {})
@@ -463,7 +467,7 @@ def collect_trials(state: dict) -> list[dict]:
     analysis = ExperimentAnalysis(state["experiment_path"])
     frames = analysis.trial_dataframes
     records = []
-    for trial in analysis.trials:
+    for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
         tdir = Path(state["output_dir"]) / "trials" / trial.trial_id
         df = frames.get(trial.trial_id)
         history = []
@@ -483,7 +487,7 @@ def collect_trials(state: dict) -> list[dict]:
         status = {"ERROR": "error", "PENDING": "pending", "RUNNING": "interrupted", "PAUSED": "interrupted"}.get(
             trial.status)
         if status is None:  # TERMINATED: trained to the end, or stopped early by the scheduler
-            status = "early_stopped" if _stopped(tdir) else "completed"
+            status = "completed" if (tdir / "summary.json").is_file() or not _stopped(tdir) else "early_stopped"
         records.append({"trial_id": trial.trial_id, "params": {k: _plain(v) for k, v in trial.config.items()},
                         "status": status, "history": history, "error": error, "trial_dir": str(tdir)})
     return records

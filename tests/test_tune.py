@@ -163,7 +163,8 @@ def test_tuner_runs_at_most_max_concurrent_trials(ray_session, tmp_path, search)
 
     cfg = trial_config(DEBUG, {"tune.search": search, "train.epochs": 1})
     space = parse_space({"train.lr": {"loguniform": [1e-5, 1e-3]}}, DEBUG)
-    state = {"experiment_path": str(tmp_path / "tune"), "num_samples": 3, "max_concurrent": 2}
+    state = {"experiment_path": str(tmp_path / "tune"), "output_dir": str(tmp_path), "num_samples": 3,
+             "max_concurrent": 2}
     _tuner(tune.with_resources(trainable, {"CPU": TRIAL_CPUS}), space, cfg, state).fit()
     spans = [tuple(map(float, p.read_text().split())) for p in log_dir.iterdir()]
     assert len(spans) == 3
@@ -237,6 +238,7 @@ def test_three_trials_rows_best_config_and_statuses(ray_session, synthetic_root,
     from refseg.cli import main
 
     out = tmp_path / "sweep"
+    free = ray_session.available_resources().get("CPU", 0.0)
     t0 = time.time()
     assert main(["tune", "--config", "debug", "--space", str(SPACE), "--num-samples", "3",
                  "--output-dir", str(out), *sweep_overrides(synthetic_root)]) == 0
@@ -269,6 +271,11 @@ def test_three_trials_rows_best_config_and_statuses(ray_session, synthetic_root,
     if best_row["status"] == "completed":
         assert summary["best"]["model_path"] == str(Path(best_row["trial_dir"]) / "model.pt")
     assert (out / "trials.png").stat().st_size > 1000
+    # trials stopped by ASHA ended their own Train runs: no workers' CPUs left behind for the next sweep
+    deadline = time.time() + 60
+    while ray_session.available_resources().get("CPU", 0.0) < free - 1e-6 and time.time() < deadline:
+        time.sleep(1)
+    assert ray_session.available_resources().get("CPU", 0.0) >= free - 1e-6
 
 
 @pytest.mark.slow
@@ -281,19 +288,22 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_session
            "--num-samples", "2", "--max-concurrent", "1", "--output-dir", str(out),
            *sweep_overrides(synthetic_root), "tune.scheduler=none"]
     t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        while not list(out.glob("trials/*/summary.json")):
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.time() - t0 < 200, "no trial finished in 200 s"
-            time.sleep(1)
-        time.sleep(3)  # let Tune record the finished trial, then interrupt like Ctrl+C
+    log = (tmp_path / "tune.log").open("w")  # a file, not a pipe: Tune's progress would fill a pipe and block
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:  # interrupt (Ctrl+C) once one trial finished and the other saved its epoch-1 checkpoint
+        while not (list(out.glob("trials/*/summary.json")) and list(out.glob("trials/*/ray/*/checkpoint_*"))
+                   and len({p.parts[-4] for p in out.glob("trials/*/ray/*/checkpoint_*")}) == 2):
+            assert proc.poll() is None, (tmp_path / "tune.log").read_text()[-3000:]
+            assert time.time() - t0 < 400, "the sweep made no progress in 400 s"
+            time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=90)
+        assert proc.wait(timeout=120) == 130  # "sweep interrupted; continue it with: refseg tune --resume"
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        log.close()
+    assert f"refseg tune --resume {out}" in (tmp_path / "tune.log").read_text()
     print(f"interrupted after {time.time() - t0:.0f}s")
     finished = {p.parent.name: (p.parent / "config.yaml").stat().st_mtime_ns for p in out.glob("trials/*/summary.json")}
     assert len(finished) == 1
