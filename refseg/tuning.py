@@ -400,11 +400,12 @@ def run_sweep(base: dict, space_data: Any, output_dir: str | Path, *, num_sample
     if (out / "sweep.json").exists():
         raise ConfigError(f"output dir '{out}' already holds a sweep; pass --resume {out} to continue it "
                           "or choose a new --output-dir")
-    if (num_samples or 1) < 1:
-        raise ConfigError(f"--num-samples must be at least 1, got {num_samples}")
     base = _absolute_paths(base)
     space = parse_space(space_data, base, where=space_name)
     cfg = trial_config(base, {})
+    num_samples = cfg.tune.num_samples if num_samples is None else num_samples
+    if num_samples < 1:
+        raise ConfigError(f"--num-samples / tune.num_samples must be at least 1, got {num_samples}")
     _check_sweep(cfg)
     _prepare_env(cfg)
     init_ray(address)
@@ -416,7 +417,7 @@ def run_sweep(base: dict, space_data: Any, output_dir: str | Path, *, num_sample
     experiment = (f"{cfg.train.storage_path.rstrip('/')}/tune-{time.strftime('%Y%m%d-%H%M%S')}"
                   if cfg.train.storage_path else str(out / "tune"))
     state = {"base": base, "space": _fix_floats(space_data), "output_dir": str(out), "experiment_path": experiment,
-             "metric": cfg.tune.metric, "mode": cfg.tune.mode, "num_samples": num_samples or cfg.tune.num_samples,
+             "metric": cfg.tune.metric, "mode": cfg.tune.mode, "num_samples": num_samples,
              "max_concurrent": concurrent, "per_trial": need, "scheduler": cfg.tune.scheduler}
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(state, indent=1))
@@ -583,7 +584,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
     from refseg.config import apply_overrides, load_yaml
 
     if a.resume:
-        if a.config or a.space or a.overrides or a.num_samples or a.max_concurrent:
+        if a.config or a.space or a.overrides or a.num_samples is not None or a.max_concurrent is not None:
             raise ConfigError("--resume continues the sweep exactly as it started (its sweep.json); "
                               "drop --config, --space, --num-samples, --max-concurrent and overrides")
         summary = resume_sweep(a.resume, address=a.address)

@@ -169,7 +169,8 @@ def test_tuner_runs_at_most_max_concurrent_trials(ray_session, tmp_path, search)
     spans = [tuple(map(float, p.read_text().split())) for p in log_dir.iterdir()]
     assert len(spans) == 3
     most = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
-    assert most == 2, spans
+    # the property: never more than the limit at once (how many overlap below it depends on machine load)
+    assert 1 <= most <= 2, spans
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -219,6 +220,13 @@ def test_cli_reports_space_errors_before_starting_ray(tmp_path, capsys):
     assert main(["tune", "--resume", str(tmp_path / "nothing")]) == 2
     assert "holds no sweep.json" in capsys.readouterr().err
     assert main(["tune", "--resume", str(tmp_path), "--config", "debug"]) == 2
+    assert main(["tune", "--config", "debug", "--space", str(SPACE), "--num-samples", "0",
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--num-samples / tune.num_samples must be at least 1" in capsys.readouterr().err
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "sweep.json").write_text("{}")
+    assert main(["tune", "--config", "debug", "--space", str(SPACE), "--output-dir", str(tmp_path / "old")]) == 2
+    assert "already holds a sweep; pass --resume" in capsys.readouterr().err
     assert ray.is_initialized() == started and not (tmp_path / "o").exists()
 
 
