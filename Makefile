@@ -4,6 +4,9 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# DeepSpeed JIT-builds its CPU comm op into $TORCH_EXTENSIONS_DIR (~1-2 min). One cache per venv: two
+# venvs sharing ~/.cache/torch_extensions rebuild it back and forth.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: install demo test test-fast lint clean
 

@@ -57,6 +57,9 @@ class FusionConfig:
     ffn_dim: int = 1024
     dropout: float = 0.0
     level: int = 16  # stride of the FPN level the fusion runs on (8, 16 or 32)
+    # LAVT-style early fusion: FiLM every backbone stage by the sentence (identity at init for a
+    # pretrained backbone); the cross-attention fusion above still runs on the FPN output
+    early: bool = False
 
 
 @dataclass

@@ -180,6 +180,31 @@ def test_overfits_one_batch(tokenizer) -> None:
     assert iou > 0.9, iou  # same image, different phrase -> different mask: language is used
 
 
+def test_early_fusion_makes_visual_features_depend_on_the_sentence(tokenizer) -> None:
+    from refseg.models.vision import VisionEncoder
+
+    torch.manual_seed(0)
+    image = torch.randn(1, 3, 64, 64).expand(2, -1, -1, -1)  # one image, two phrases
+    ids, mask = encode(tokenizer, ["the red square", "the leftmost blue circle"], 8)
+    model = tiny_model().eval()
+    assert model.vision.film is not None  # the tiny preset is language-aware
+    with torch.no_grad():
+        _, sentence = model.text(ids, mask)
+        feats = model.vision(image, sentence)
+    assert not torch.allclose(feats["4"][0], feats["4"][1])  # same pixels, different phrase
+    with pytest.raises(ValueError, match="fusion.early=true"):
+        model.vision(image)
+    # over a pretrained body the modulation starts as the identity: pretrained features stay intact
+    kw = {"widths": [8, 8, 8, 8], "fpn_channels": 16, "language_dim": sentence.shape[1]}
+    torch.manual_seed(1)
+    aware = VisionEncoder("tiny", weights="body.pt", pretrained=False, **kw).eval()
+    plain = VisionEncoder("tiny", weights=None, pretrained=False, **{**kw, "language_dim": None}).eval()
+    plain.load_state_dict({k: v for k, v in aware.state_dict().items() if not k.startswith("film.")})
+    with torch.no_grad():
+        for stride, f in aware(image, sentence).items():
+            torch.testing.assert_close(f, plain(image)[stride])
+
+
 # ----------------------------------------------------------------------------- presets and info
 def test_presets_and_errors() -> None:
     assert set(PRESETS) == {"r101", "r50", "tiny"}

@@ -18,8 +18,8 @@ _CACHE: dict[str, Path] = {}
 
 
 def make_tiny_checkpoint(path: Path, keep_aspect: bool = False) -> Path:
-    """The tiny model with a fixed seed (random init: its masks cover ~30% of an image, neither empty
-    nor full; a few training steps collapse it to all-background) -> save_model(path)."""
+    """The tiny model with a fixed seed and its logit head's bias at 0 instead of the foreground prior
+    (so the random-init masks cover ~30% of an image, neither empty nor full) -> save_model(path)."""
     import torch
 
     from refseg.config import config_from_dict
@@ -30,6 +30,7 @@ def make_tiny_checkpoint(path: Path, keep_aspect: bool = False) -> Path:
                             "data": {"image_size": IMAGE_SIZE, "keep_aspect": keep_aspect}})
     torch.manual_seed(0)
     model = build_model(cfg.model, pretrained=False).eval()
+    torch.nn.init.zeros_(model.decoder.head[0].bias)
     return save_model(path, model, cfg.to_dict())
 
 

@@ -5,8 +5,8 @@
 
 Stage i outputs stride ``start_stride / 2**(i+1)``. Every stage but the last upsamples bilinearly,
 adds the FPN feature of that stride when there is one (4, 8, 16, 32) -- projected and multiplied by
-a sigmoid gate computed from the sentence -- and applies conv-GN-ReLU blocks (two on skip stages,
-one elsewhere). The last stage is sub-pixel (ESPCN-style): a conv block at the previous resolution
+a sigmoid gate computed from the sentence -- applies conv-GN-ReLU blocks (two on skip stages,
+one elsewhere), then a FiLM by the sentence and a ReLU. The last stage is sub-pixel (ESPCN-style): a conv block at the previous resolution
 makes ``4 * channels[-1]`` maps, the 1x1 head turns them into 4 logits per pixel and PixelShuffle
 places them on the 2x grid -- a learned 2x upsampling that never materialises a full-resolution
 feature map (3-4x cheaper on CPU, less activation memory on GPU).
@@ -14,11 +14,15 @@ feature map (3-4x cheaper on CPU, less activation memory on GPU).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from refseg.models.vision import group_norm
+
+PRIOR = 0.05  # initial foreground probability of every pixel (sets the logit head's bias)
 
 
 def conv_block(cin: int, cout: int) -> nn.Sequential:
@@ -62,8 +66,14 @@ class Decoder(nn.Module):
             else:
                 self.stages.append(conv_block(cin, cout))
             cin = cout
+        # every stage's output is modulated by the sentence (FiLM, then ReLU): language selects at
+        # each resolution, not only through the coarse fused map
+        self.films = nn.ModuleList(nn.Linear(sent_dim, 2 * c) for c in channels[:-1])
         self.last = conv_block(cin, 4 * channels[-1])  # (B, 4*c, h, w), seen as (B, c, 2h, 2w)
         self.head = nn.Sequential(nn.Conv2d(4 * channels[-1], 4, 1), nn.PixelShuffle(2))  # -> (B, 1, 2h, 2w)
+        # start from the prior "few pixels are the referred object" (RetinaNet's focal-loss init) rather
+        # than p=0.5 everywhere: the first epoch then learns objects, not the background rate
+        nn.init.constant_(self.head[0].bias, -math.log((1 - PRIOR) / PRIOR))
 
     def forward(self, x: torch.Tensor, feats: dict[int, torch.Tensor], sentence: torch.Tensor) -> torch.Tensor:
         for i, (stage, key) in enumerate(zip(self.stages, self.skip_keys)):
@@ -71,4 +81,6 @@ class Decoder(nn.Module):
             if key is not None:
                 x = x + self.skips[str(i)](feats[key], sentence)
             x = stage(x)
+            gamma, beta = self.films[i](sentence)[:, :, None, None].to(x.dtype).chunk(2, dim=1)
+            x = F.relu(x * (1 + gamma) + beta)
         return self.head(self.last(x))  # (B, 1, H', W')

@@ -2,18 +2,20 @@
 
 Parameter counts (``refseg model-info --preset NAME``; text encoders without their pooler):
 
-- ``r101``: ResNet-101 (ImageNet, frozen BN) + ``bert-base-uncased`` (12 x 768) -- 161.5M
+- ``r101``: ResNet-101 (ImageNet, frozen BN) + ``bert-base-uncased`` (12 x 768) -- 161.7M
   (body 42.4M + BERT-base 108.9M + FPN 3.3M + LSTM 1.1M + fusion 5.1M + decoder 0.8M). The ResNet-101
   body and BERT-base alone are 151.3M, so this design cannot sit below ~155M; the rest follows the
   ModelConfig defaults (3 fusion layers of width 256).
-- ``r50``: ResNet-50 + ``google/bert_uncased_L-12_H-512_A-8`` -- 87.2M (body 23.5M + text 53.7M +
+- ``r50``: ResNet-50 + ``google/bert_uncased_L-12_H-512_A-8`` -- 87.3M (body 23.5M + text 53.7M +
   the same 10M of FPN/LSTM/fusion/decoder). The text side is the official BERT miniature with 12
   layers of width 512 (same uncased WordPiece vocab and pre-training recipe as bert-base): it keeps
   BERT's depth and shrinks its width, a plain ``from_pretrained`` checkpoint (a truncated bert-base
   would need a custom loading path), and lands the total on the ~87M target. Offline
   (``pretrained=False``) its shape is parsed from the name, so no download is needed to count it.
-- ``tiny``: a BasicBlock ResNet [16, 32, 64, 128] + FPN 64 + a 2-layer 64-wide random BERT over the
-  bundled 409-token vocab (``builtin:tiny_vocab``) + a light decoder [32, 16, 16, 8] -- 0.82M.
+- ``tiny``: a BasicBlock ResNet [16, 32, 64, 128] + FPN 64 + a 1-layer 64-wide random BERT over the
+  bundled 409-token vocab (``builtin:tiny_vocab``) + a light decoder [32, 16, 16, 8], with early
+  fusion (``fusion.early``) -- 0.82M. One BERT layer, not two: random-init attention layers slowed
+  grounding on the synthetic set (measured in bench/learning.py runs, see BENCHMARKS.md).
   Sized for CPU training (tests, debug runs): ~50-60 samples/s fwd+bwd at 128x128, batch 16, one
   core, fp32 (the decoder widths were cut from [64, 32, 16, 16], which ran at ~20 samples/s).
 """
@@ -67,7 +69,7 @@ def r50() -> ModelConfig:
 
 
 def tiny() -> ModelConfig:
-    bert = {"vocab_size": tiny_vocab_size(), "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    bert = {"vocab_size": tiny_vocab_size(), "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
             "intermediate_size": 128, "max_position_embeddings": 128, "pad_token_id": 0}
     return ModelConfig(
         preset="tiny",
@@ -75,7 +77,7 @@ def tiny() -> ModelConfig:
         vision=VisionConfig(backbone="tiny", weights=None, widths=[16, 32, 64, 128], blocks=[1, 1, 1, 1],
                             norm="bn", fpn_channels=64),
         text=TextConfig(encoder="tiny-bert", bert_config=bert, tokenizer=TINY_TOKENIZER, lstm_hidden=32, dim=64),
-        fusion=FusionConfig(num_layers=2, num_heads=4, ffn_dim=128, level=16),
+        fusion=FusionConfig(num_layers=2, num_heads=4, ffn_dim=128, level=16, early=True),
         decoder=DecoderConfig(channels=[32, 16, 16, 8]),
     )
 

@@ -5,8 +5,10 @@
     out["logits"]   # (B, 1, H, W) mask logits at input resolution
     out["attn"]     # (B, h, w) language->vision attention heat map in [0, 1] (h = ceil(H / level))
 
-Data flow: ResNet+FPN (strides 4..32) and BERT+BiLSTM -> Fusion on the FPN level ``fusion.level``
-(+ the coarser levels upsampled) -> Decoder (4 x 2x upsampling with sentence-gated FPN skips) -> logits.
+Data flow: BERT+BiLSTM -> words + sentence; ResNet+FPN (strides 4..32; with ``fusion.early`` every
+ResNet stage is FiLM-modulated by the sentence, LAVT's language-aware visual encoding) -> Fusion on
+the FPN level ``fusion.level`` (+ the coarser levels upsampled) -> Decoder (4 x 2x upsampling with
+sentence-gated FPN skips and a sentence FiLM per stage) -> logits.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ class RefSegModel(nn.Module):
         ph, pw = (-H) % SIZE_DIVISOR, (-W) % SIZE_DIVISOR
         if ph or pw:
             image = F.pad(image, (0, pw, 0, ph))
-        feats = {int(k): v for k, v in self.vision(image).items()}  # {stride: (B, C, Hp/stride, Wp/stride)}
         words, sentence = self.text(input_ids, attention_mask)  # (B, L, Dt), (B, Dt)
+        early = sentence if self.vision.film is not None else None  # fusion.early: language-aware encoder
+        feats = {int(k): v for k, v in self.vision(image, early).items()}  # {stride: (B, C, Hp/stride, Wp/stride)}
         fused, sent, attn = self.fusion(self._fusion_input(feats), words, attention_mask, sentence, return_attn)
         logits = self.decoder(fused, feats, sent)  # (B, 1, Hp*, Wp*)
         if logits.shape[-2:] != image.shape[-2:]:
@@ -101,7 +104,8 @@ def build_model(cfg: str | ModelConfig, pretrained: bool = True) -> RefSegModel:
     """
     cfg = preset_config(cfg) if isinstance(cfg, str) else copy.deepcopy(cfg)
     v, t, f = cfg.vision, cfg.text, cfg.fusion
-    vision = VisionEncoder(v.backbone, v.weights, pretrained, v.widths, v.blocks, v.norm, v.fpn_channels)
+    vision = VisionEncoder(v.backbone, v.weights, pretrained, v.widths, v.blocks, v.norm, v.fpn_channels,
+                           language_dim=t.dim if f.early else None)
     text = TextEncoder(build_bert(t.encoder, t.bert_config, pretrained), t.lstm_hidden, t.dim, t.freeze_encoder)
     fusion = Fusion(v.fpn_channels, t.dim, cfg.dim, f.num_layers, f.num_heads, f.ffn_dim, f.dropout)
     decoder = Decoder(cfg.dim, list(cfg.decoder.channels), v.fpn_channels, cfg.dim, start_stride=f.level)

@@ -121,6 +121,10 @@ class TextEncoder(nn.Module):
         self.lstm = nn.LSTM(hidden, lstm_hidden, batch_first=True, bidirectional=True)
         self.word_proj = nn.Linear(2 * lstm_hidden, dim)
         self.sent_proj = nn.Linear(2 * lstm_hidden, dim)
+        # Unit-scale outputs: they feed FiLM / gate / attention projections, and a sentence feature
+        # that barely varies across sentences (the raw BiLSTM's does) makes grounding learn slowly.
+        self.norm_words = nn.LayerNorm(dim)
+        self.norm_sentence = nn.LayerNorm(dim)
         self.dim = dim
 
     def train(self, mode: bool = True) -> TextEncoder:
@@ -135,9 +139,11 @@ class TextEncoder(nn.Module):
             hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, Hb)
         lengths = attention_mask.sum(1).clamp(min=1).cpu()
         packed = pack_padded_sequence(hidden, lengths, batch_first=True, enforce_sorted=False)
-        out, (h_n, _) = self.lstm(packed)  # h_n: (2, B, lstm_hidden), final fwd / bwd states
+        out, _ = self.lstm(packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=L)  # (B, L, 2*lstm_hidden)
         mask = attention_mask[:, :, None].to(out.dtype)
-        words = self.word_proj(out) * mask  # (B, L, dim)
-        sentence = self.sent_proj(torch.cat([h_n[0], h_n[1]], dim=-1))  # (B, dim)
+        words = self.norm_words(self.word_proj(out)) * mask  # (B, L, dim)
+        # max over real tokens: the final LSTM states are dominated by [CLS]/[SEP], the same in every sentence
+        pooled = out.masked_fill(mask == 0, torch.finfo(out.dtype).min).amax(1)  # (B, 2*lstm_hidden)
+        sentence = self.norm_sentence(self.sent_proj(pooled))  # (B, dim)
         return words, sentence

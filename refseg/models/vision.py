@@ -167,34 +167,61 @@ def build_body(backbone: str, weights: str | None, pretrained: bool, widths: lis
     return body, channels
 
 
-class VisionEncoder(nn.Module):
-    """ResNet body + torchvision FPN.
+class StageFiLM(nn.Module):
+    """Feature-wise modulation of one backbone stage by the sentence: x * (1 + gamma) + beta.
 
-    forward: image (B, 3, H, W) -> {4: (B, C, H/4, W/4), 8: ..., 16: ..., 32: (B, C, H/32, W/32)}
-    with C = ``fpn_channels``. ``self.body`` holds the (possibly pretrained) ResNet parameters.
+    forward: x (B, C, h, w), sentence (B, D) -> (B, C, h, w). ``zero_init`` starts as the identity
+    (keeps a pretrained backbone's features intact at step 0)."""
+
+    def __init__(self, channels: int, sent_dim: int, zero_init: bool) -> None:
+        super().__init__()
+        self.proj = nn.Linear(sent_dim, 2 * channels)
+        if zero_init:
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.proj(sentence)[:, :, None, None].to(x.dtype).chunk(2, dim=1)
+        return x * (1 + gamma) + beta
+
+
+class VisionEncoder(nn.Module):
+    """ResNet body + torchvision FPN, optionally language-aware (``language_dim``: LAVT's idea of
+    fusing language inside the visual encoder, here as a FiLM of every stage by the sentence).
+
+    forward: image (B, 3, H, W)[, sentence (B, language_dim)]
+      -> {4: (B, C, H/4, W/4), 8: ..., 16: ..., 32: (B, C, H/32, W/32)} with C = ``fpn_channels``.
+    ``self.body`` holds the (possibly pretrained) ResNet parameters.
     """
 
     def __init__(self, backbone: str = "resnet101", weights: str | None = None, pretrained: bool = True,
                  widths: list[int] | None = None, blocks: list[int] | None = None, norm: str = "frozen_bn",
-                 fpn_channels: int = 256) -> None:
+                 fpn_channels: int = 256, language_dim: int | None = None) -> None:
         super().__init__()
         self.body, self.channels = build_body(
             backbone, weights, pretrained, list(widths or [64, 128, 256, 512]), list(blocks or [1, 1, 1, 1]), norm
         )
         self.fpn = FeaturePyramidNetwork(self.channels, fpn_channels)
         self.out_channels = fpn_channels
+        self.film = None
+        if language_dim:
+            self.film = nn.ModuleList(StageFiLM(c, language_dim, zero_init=weights is not None) for c in self.channels)
 
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """image (B,3,H,W) -> {"4": (B,C,H/4,W/4), "8": ..., "16": ..., "32": ...}.
+    def forward(self, image: torch.Tensor, sentence: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """image (B,3,H,W)[, sentence (B,D)] -> {"4": (B,C,H/4,W/4), "8": ..., "16": ..., "32": ...}.
 
         Keys are strings: DeepSpeed ZeRO-3's forward hooks walk module outputs and need str keys."""
+        if self.film is not None and sentence is None:
+            raise ValueError("this vision encoder is language-aware (fusion.early=true): pass the sentence feature.")
         b = self.body
         if isinstance(b, TinyResNet):
             x = b.stem(image)  # (B, C0, H/4, W/4)
         else:
             x = b.maxpool(b.relu(b.bn1(b.conv1(image))))  # (B, C0, H/4, W/4)
         feats = OrderedDict()
-        for stride, layer in zip(STRIDES, (b.layer1, b.layer2, b.layer3, b.layer4)):
+        for i, (stride, layer) in enumerate(zip(STRIDES, (b.layer1, b.layer2, b.layer3, b.layer4))):
             x = layer(x)
+            if self.film is not None:
+                x = self.film[i](x, sentence)
             feats[str(stride)] = x
         return dict(self.fpn(feats))

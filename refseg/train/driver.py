@@ -16,6 +16,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from refseg import raylog
 from refseg.config import Config, ConfigError
 from refseg.train.ds_config import check_precision
 from refseg.train.report import write_outputs
@@ -58,8 +59,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         # A rank blocked in a CPU collective can stall Ray Train's health check of the group for
         # its 10-minute default after a peer dies; on a local instance, notice within 90 s.
-        env = {"RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", "90")}
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
+        env = {"RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", "90"),
+               **raylog.worker_env()}
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 runtime_env={"env_vars": env, "worker_process_setup_hook": "refseg.raylog.quiet_worker"})
 
 
 def check_resources(cfg: Config, local: bool) -> None:
@@ -161,7 +164,7 @@ def make_trainer(
 
     ``callbacks``: Ray Train ``UserCallback``s for the RunConfig (a Tune trial passes TuneReportCallback)."""
     import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from refseg.train.loop import train_loop_per_worker
@@ -196,10 +199,11 @@ def make_trainer(
         ensure_synthetic(cfg.data.root, cfg.data.synthetic_images, cfg.data.synthetic_seed)
     init_ray(address)
     check_resources(cfg, local)
+    raylog.quiet_data()
     datasets, train_rows = build_datasets(cfg, world)
     spe = steps_per_epoch(train_rows, cfg, world)
     loop_config = {"config": cfg.to_dict(), "output_dir": str(out), "steps_per_epoch": spe, "local": local,
-                   "probe_path": probe_path}
+                   "probe_path": probe_path, "t0": t0}
     if local:
         _local_env()
         ckpts = sorted((out / "checkpoints").glob("epoch_*")) if resume else []
@@ -228,6 +232,7 @@ def make_trainer(
                 checkpoint_score_order="max",
             ),
             callbacks=callbacks,
+            logging_config=LoggingConfig(log_level=raylog.train_log_level()),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),

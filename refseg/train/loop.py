@@ -11,8 +11,10 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,15 @@ from refseg.train.ds_config import build_deepspeed_config, lr_lambda
 from refseg.train.report import CKPT_TAG, STATE_FILE
 
 log = logging.getLogger("refseg.train")
+
+
+def say(message: str) -> None:
+    """One progress line on the worker's stdout (Ray forwards it to the driver once).
+
+    Not ``print``: Ray Train V2 patches ``print`` in its workers to log *and* echo, which doubles
+    every line on the driver's console."""
+    sys.stdout.write(f"[refseg] {message}\n")
+    sys.stdout.flush()
 
 
 # ----------------------------------------------------------------------------- setup
@@ -73,7 +84,10 @@ def engine_dtype(cfg: Config) -> torch.dtype:
 
 def to_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """Ray Data numpy/torch batch -> (image (B,3,S,S), ids (B,L), attn (B,L), mask (B,S,S))."""
-    image = torch.as_tensor(batch["image"]).to(device, dtype=dtype, non_blocking=True)
+    with warnings.catch_warnings():  # Ray hands read-only arrays (zero-copy); nothing writes to them
+        warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
+        image = torch.as_tensor(batch["image"])
+    image = image.to(device, dtype=dtype, non_blocking=True)
     ids = torch.as_tensor(batch["input_ids"]).to(device, dtype=torch.long, non_blocking=True)
     attn = torch.as_tensor(batch["attention_mask"]).to(device, dtype=torch.long, non_blocking=True)
     mask = torch.as_tensor(batch["mask"]).to(device, dtype=torch.float32, non_blocking=True)
@@ -184,8 +198,14 @@ def _maybe_fail(cfg: Config, ctx: dict, step: int) -> None:
     if marker.exists():
         return
     marker.write_text(str(step))
-    print(f"[refseg] fail_at_step={k}: worker rank {ctx['rank']} exits now (test hook)", flush=True)
+    say(f"fail_at_step={k}: worker rank {ctx['rank']} exits now (test hook)")
     os._exit(1)
+
+
+def _brief(metrics: dict) -> str:
+    """'loss 0.41 val_miou 0.8 ...': the epoch's figures, rounded, without the bookkeeping ones."""
+    skip = {"epoch", "samples", "val_median_iou", "val_dice", "elapsed_s"}
+    return " ".join(f"{k} {float(v):.4g}" for k, v in metrics.items() if k not in skip)
 
 
 def _progress(cfg: Config, state: dict, ctx: dict, micro: int, losses: list, samples: int, dt: float):
@@ -194,10 +214,9 @@ def _progress(cfg: Config, state: dict, ctx: dict, micro: int, losses: list, sam
     rate = samples * ctx["world"] / max(dt, 1e-9)
     eta = (steps_per_epoch - step_in_epoch) * dt / max(step_in_epoch, 1)
     recent = losses[-cfg.train.log_every * cfg.train.grad_accum :]
-    print(
-        f"[refseg] epoch {state['epoch'] + 1}/{cfg.train.epochs} step {step_in_epoch}/{steps_per_epoch} "
-        f"loss {np.mean(recent):.4f} {rate:.1f} samples/s ETA {eta:.0f}s",
-        flush=True,
+    say(
+        f"epoch {state['epoch'] + 1}/{cfg.train.epochs} step {step_in_epoch}/{steps_per_epoch} "
+        f"loss {np.mean(recent):.4f} {rate:.1f} samples/s ETA {eta:.0f}s"
     )
 
 
@@ -227,7 +246,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     elif loop_config.get("resume_from"):
         state = load_checkpoint(engine, Path(loop_config["resume_from"]))
     if state["epoch"] and rank == 0:
-        print(f"[refseg] resumed at epoch {state['epoch']} step {state['global_step']}", flush=True)
+        say(f"resumed at epoch {state['epoch']} step {state['global_step']}")
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard(f"val_{rank}") if cfg.train.val_every else None
@@ -240,11 +259,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if val_shard is not None and ((epoch + 1) % cfg.train.val_every == 0 or last):
             batches = val_shard.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy")
             metrics.update(validate(engine, batches, ctx))
+        if "t0" in loop_config:  # wall seconds since the driver started this run (or this resume)
+            metrics["elapsed_s"] = time.time() - loop_config["t0"]
         state["epoch"] = epoch + 1
         state["history"].append(metrics)
         if rank == 0:
-            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
-            print(f"[refseg] epoch {epoch + 1} done: {shown}", flush=True)
+            say(f"epoch {epoch + 1} done: {_brief(metrics)}")
         if last and loop_config.get("probe_path"):
             _write_probe(engine, cfg, ctx, loop_config["probe_path"])
         if (epoch + 1) % max(1, cfg.train.checkpoint_every) == 0 or last:
