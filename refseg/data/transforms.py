@@ -140,6 +140,12 @@ def load_image(src: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS, *,
 
 
 # ----------------------------------------------------------------------------- resizing
+# (3, 256) float32: channel c of uint8 value v -> (v / 255 - mean[c]) / std[c], computed with the very
+# operations (and dtypes) normalising a whole float32 image would use, so lookups are bit-identical
+_NORMALISE_LUT = np.ascontiguousarray(
+    ((np.arange(256, dtype=np.float32)[:, None] / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).T)
+
+
 def resize_geometry(orig_h: int, orig_w: int, size: int, keep_aspect: bool) -> tuple[int, int]:
     """(resized_h, resized_w) of the image content inside the S x S canvas."""
     if not keep_aspect:
@@ -169,9 +175,10 @@ def preprocess_with_meta(image: np.ndarray, mask: np.ndarray | None, size: int, 
     pil = Image.fromarray(image)
     if pil.size != (rw, rh):
         pil = pil.resize((rw, rh), Image.BILINEAR)
-    x = (np.asarray(pil, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD  # (rh, rw, 3)
+    pixels = np.asarray(pil)  # (rh, rw, 3) uint8
     out = np.zeros((3, size, size), np.float32)
-    out[:, :rh, :rw] = x.transpose(2, 0, 1)
+    for c in range(3):  # a table lookup per channel: the same float32 values as normalising each pixel
+        out[c, :rh, :rw] = _NORMALISE_LUT[c][pixels[:, :, c]]
     m_out = None
     if mask is not None:
         m = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))
