@@ -6,9 +6,9 @@
 Stage i outputs stride ``start_stride / 2**(i+1)``. Every stage but the last upsamples bilinearly,
 adds the FPN feature of that stride when there is one (4, 8, 16, 32) -- projected and multiplied by
 a sigmoid gate computed from the sentence -- applies conv-GN-ReLU blocks (two on skip stages,
-one elsewhere), then a FiLM by the sentence and a ReLU. The last stage is sub-pixel (ESPCN-style): a conv block at the previous resolution
-makes ``4 * channels[-1]`` maps, the 1x1 head turns them into 4 logits per pixel and PixelShuffle
-places them on the 2x grid -- a learned 2x upsampling that never materialises a full-resolution
+one elsewhere), then a FiLM by the sentence and a ReLU. The last stage is sub-pixel (ESPCN-style):
+a conv block at the previous resolution makes ``4 * channels[-1]`` maps, the 1x1 head turns them into
+4 logits per pixel and PixelShuffle places them on the 2x grid -- a learned 2x upsampling that never materialises a full-resolution
 feature map (3-4x cheaper on CPU, less activation memory on GPU).
 """
 
