@@ -248,3 +248,15 @@ def test_tokenize_pads_and_truncates(tmp_path):
     assert ids.shape == att.shape == (2, 6) and ids.dtype == att.dtype == np.int64
     assert ids[0].tolist() == [2, 5, 6, 8, 3, 0] and att[0].tolist() == [1, 1, 1, 1, 1, 0]
     assert ids[1, 0] == 2 and ids[1, -1] == 3 and att[1].all()  # truncated, still ends with [SEP]
+
+
+def test_lookup_table_normalisation_is_bit_identical_to_the_formula() -> None:
+    from refseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, preprocess
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    out, _ = preprocess(image, None, 48, keep_aspect=True)
+    resized = np.asarray(Image.fromarray(image).resize((48, 34), Image.BILINEAR), np.float32)
+    expected = np.zeros((3, 48, 48), np.float32)
+    expected[:, :34, :48] = ((resized / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+    np.testing.assert_array_equal(out, expected)
