@@ -34,14 +34,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-R50_TEXT = {"vocab_size": 30522, "hidden_size": 512, "num_hidden_layers": 12, "num_attention_heads": 8,
-            "intermediate_size": 2048, "max_position_embeddings": 512}
-
-
 def bench_config(preset: str, workers: int, image_size: int, batch: int, steps: int, data_root: Path):
     """The debug config with ``preset``; r50 without hub weights (random init, same shapes)."""
     from refseg.config import load_config
     from refseg.models.presets import TINY_TOKENIZER, preset_config
+    from refseg.models.text import offline_bert_config
 
     cfg = load_config(REPO / "configs" / "debug.yaml", [
         f"data.root={data_root}", "data.synthetic_images=200", f"data.image_size={image_size}",
@@ -52,7 +49,7 @@ def bench_config(preset: str, workers: int, image_size: int, batch: int, steps: 
     if preset != "tiny":
         cfg.model = preset_config(preset)
         cfg.model.vision.weights = None
-        cfg.model.text.bert_config = dict(R50_TEXT)
+        cfg.model.text.bert_config = offline_bert_config(cfg.model.text.encoder).to_diff_dict()
         cfg.model.text.tokenizer = TINY_TOKENIZER  # ids < 409: the compute is the same
     return cfg
 

@@ -24,9 +24,9 @@ def verbose() -> bool:
 def quiet_worker() -> None:
     """Ray ``worker_process_setup_hook`` for local instances (a no-op unless $REFSEG_QUIET=1): silence
     the placement-group cleaner's State-API polling warning (it still works; without the dashboard
-    it cannot ask whether the controller lives), Ray Train's
-    record of every report (logged under its file path, outside LoggingConfig's reach), and
-    DeepSpeed's deprecation warning about a torch collective it calls."""
+    it cannot ask whether the controller lives), Ray Train's record of every report (logged under
+    its file path, outside LoggingConfig's reach), and DeepSpeed's deprecation warning about a torch
+    collective it calls."""
     if os.environ.get(QUIET_ENV) != "1":
         return
     for name in _NOISY_WORKER_LOGGERS:

@@ -84,10 +84,7 @@ def engine_dtype(cfg: Config) -> torch.dtype:
 
 def to_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """Ray Data numpy/torch batch -> (image (B,3,S,S), ids (B,L), attn (B,L), mask (B,S,S))."""
-    with warnings.catch_warnings():  # Ray hands read-only arrays (zero-copy); nothing writes to them
-        warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
-        image = torch.as_tensor(batch["image"])
-    image = image.to(device, dtype=dtype, non_blocking=True)
+    image = torch.as_tensor(batch["image"]).to(device, dtype=dtype, non_blocking=True)
     ids = torch.as_tensor(batch["input_ids"]).to(device, dtype=torch.long, non_blocking=True)
     attn = torch.as_tensor(batch["attention_mask"]).to(device, dtype=torch.long, non_blocking=True)
     mask = torch.as_tensor(batch["mask"]).to(device, dtype=torch.float32, non_blocking=True)
@@ -226,6 +223,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
 
     cfg = config_from_dict(loop_config["config"])
+    # Ray Data hands read-only (zero-copy) arrays and nothing here writes to them: silence torch's
+    # warning once per worker instead of per batch
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
     train_ctx = ray.train.get_context()
     rank, world = train_ctx.get_world_rank(), train_ctx.get_world_size()
     if not cfg.train.use_gpu:
