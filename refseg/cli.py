@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from refseg.config import ConfigError
+from refseg.data.errors import RefSegDataError
 
 DEMO_CONFIG = "debug"
 
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.fn(args) or 0)
-    except ConfigError as e:
+    except (ConfigError, RefSegDataError) as e:  # bad config or data: one sentence, no traceback
         print(f"refseg: error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:

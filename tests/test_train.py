@@ -136,3 +136,13 @@ def test_local_mode_cli_single_process(synthetic_root, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and Path(summary["model_path"]).is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir())  # real checkpoint dirs in local mode
+
+
+def test_cli_missing_data_root_is_one_sentence(ray_session, tmp_path, capsys):
+    from refseg.cli import main
+
+    rc = main(["train", "--config", str(REPO / "configs" / "debug.yaml"), "--output-dir", str(tmp_path / "run"),
+               "data.synthetic=false", f"data.root={tmp_path / 'nowhere'}"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("refseg: error: data root") and "data.synthetic=true" in err and "Traceback" not in err
