@@ -108,6 +108,9 @@ class DataConfig:
     max_samples: int | None = None  # cap per split (quick runs)
     num_read_tasks: int | None = None  # Ray Data parallelism of the decode/transform stage
     map_cpus: float = 0.5  # CPUs reserved per Ray Data map task
+    # decode every ref once (uint8 at image_size) into the object store, then only draw sentences,
+    # augment and tokenise per epoch: for small sets (~4*S^2 bytes per ref; the debug/synthetic set)
+    cache: bool = False
 
 
 # ----------------------------------------------------------------------------- train

@@ -238,3 +238,96 @@ def test_workers_tokenize_like_transformers_without_importing_it():
             got, want = tokenize(fast, texts, length), tokenize(get_tokenizer(source), texts, length)
             np.testing.assert_array_equal(got[0], want[0])
             np.testing.assert_array_equal(got[1], want[1])
+
+
+# ----------------------------------------------------------------------------- data.cache
+def test_cached_eval_samples_are_identical_to_streamed_ones(ray_session, synthetic_root):
+    """data.cache decodes once into the object store; evaluation samples stay bit-identical."""
+    for keep in (False, True):
+        plain = collect(build_dataset(data_cfg(synthetic_root, keep_aspect=keep), "val", train=False,
+                                      tokenizer_source=TEXT))
+        cached = collect(build_dataset(data_cfg(synthetic_root, keep_aspect=keep, cache=True), "val",
+                                       train=False, tokenizer_source=TEXT))
+        assert cached.keys() == plain.keys() and len(plain) > 20
+        for key, row in plain.items():
+            for col, value in row.items():
+                np.testing.assert_array_equal(cached[key][col], value, err_msg=f"{key} {col} keep_aspect={keep}")
+
+
+def test_cached_training_redraws_sentences_and_augments_every_epoch(ray_session, synthetic_root):
+    refs = {r["ref_id"]: {s["sent_id"] for s in r["sentences"]}
+            for r in load_split_refs(synthetic_root, "refcoco", "unc", "train")}
+    cfg = data_cfg(synthetic_root, cache=True, augment=True, hflip_prob=0.5)
+    ds = build_dataset(cfg, "train", train=True, tokenizer_source=TEXT)
+    epochs = [collect(ds) for _ in range(3)]
+    for rows in epochs:  # one sample per ref each epoch, a sentence of that ref, a valid mask
+        assert {r for r, _ in rows} == set(refs)
+        assert all(s in refs[r] for r, s in rows)
+        assert all(set(np.unique(row["mask"])) <= {0.0, 1.0} and row["mask"].sum() > 0 for row in rows.values())
+    multi = [r for r, s in refs.items() if len(s) > 1]
+    sents = [{r: s for r, s in rows} for rows in epochs]
+    assert sum(sents[0][r] != sents[1][r] or sents[1][r] != sents[2][r] for r in multi) > len(multi) // 3
+    images = [{r: row["image"] for (r, _), row in rows.items()} for rows in epochs]
+    differ = sum(not np.array_equal(images[0][r], images[1][r]) for r in refs)
+    assert differ > 0.9 * len(refs), "augmentation did not change the cached images between epochs"
+
+
+def test_cached_training_counts_bad_samples_once(ray_session, tmp_path):
+    from refer_fixtures import write_refer_set
+
+    write_refer_set(tmp_path, images=8, splits=("train",))
+    records = load_split(tmp_path, "refcoco", "unc", "train")
+    corrupt = records[0]
+    with open(corrupt["image_path"], "r+b") as f:
+        f.seek(20)
+        f.write(b"\x00" * 200)
+        f.truncate(220)
+    bad_refs = {r["ref_id"] for r in records if r["image_id"] == corrupt["image_id"]}
+    report = SkipTally()
+    ds = build_dataset(data_cfg(tmp_path, cache=True), "train", train=True, tokenizer_source=TEXT, report=report)
+    for _ in range(2):
+        assert {int(r["ref_id"]) for r in ds.take_all()} == {r["ref_id"] for r in records} - bad_refs
+    assert report.sync().counts["corrupt image"] == len(bad_refs)  # decoded once, counted once
+
+
+def test_cache_that_would_not_fit_the_object_store_is_refused():
+    import pytest
+
+    from refseg.data.cache import cache_bytes, check_fits
+    from refseg.data.errors import RefSegDataError
+
+    assert cache_bytes(10, 96) == 10 * 4 * 96 * 96 and cache_bytes(10, 96, original_pixels=5000) == 20000
+    check_fits(cache_bytes(1000, 96), store_bytes=2**30, what="train")
+    with pytest.raises(RefSegDataError, match=r"data.cache=true would keep 36\.\d GiB .* set data.cache=false"):
+        check_fits(cache_bytes(42_000, 480), store_bytes=8 * 2**30, what="train")
+
+
+def test_shard_cache_samples_every_ref_once_per_epoch_like_the_stream(ray_session, synthetic_root):
+    """Training with data.cache: a worker's ShardCache gives the streamed samples (here without
+    augmentation: masks exact, images within JPEG draft noise), one per ref, in a new order each epoch."""
+    from refseg.data.cache import ShardCache
+    from refseg.data.ray_data import sample_opts
+
+    cfg = data_cfg(synthetic_root, cache=True)
+    rows = build_dataset(cfg, "val", train=True, tokenizer_source=TEXT, cache_rows=True)
+    assert "pixels" in rows.schema().names
+    cache = ShardCache(rows.iter_batches(batch_format="numpy", batch_size=7), get_tokenizer(TEXT),
+                       sample_opts(cfg, train=True))
+    records = {(r["ref_id"], r["sent_id"]): r for r in load_split(synthetic_root, "refcoco", "unc", "val")}
+    refs = {r for r, _ in records}
+    assert len(cache) == len(refs)
+    orders = []
+    for _ in range(2):
+        batches = list(cache.epoch(batch_size=5))
+        assert len(batches) == len(refs) // 5 and all(len(b["ref_id"]) == 5 for b in batches)
+        seen = [int(r) for b in batches for r in b["ref_id"]]
+        assert len(set(seen)) == len(seen) and set(seen) <= refs
+        orders.append(seen)
+        for b in batches[:3]:
+            for i in range(5):
+                want = expected_sample(records[(int(b["ref_id"][i]), int(b["sent_id"][i]))])
+                np.testing.assert_array_equal(b["mask"][i], want["mask"].astype(np.float32))
+                np.testing.assert_array_equal(b["input_ids"][i], want["input_ids"])
+                assert np.abs(b["image"][i] - want["image"]).mean() < 0.1
+    assert orders[0] != orders[1]
+    assert len(list(cache.epoch(batch_size=5, num_batches=2))) == 2

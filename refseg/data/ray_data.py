@@ -27,9 +27,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from refseg.config import DataConfig, TextConfig
+from refseg.data.cache import _cache_task, cache_bytes, cached_sample, check_fits, keeps_original
 from refseg.data.errors import RefSegDataError, SkipReport
 from refseg.data.manifest import filesystem_and_path, is_uri, load_mask_png, read_bytes, read_manifest
 
@@ -310,10 +312,12 @@ def decode_batch(batch: dict, tokenizer: Any, opts: dict, tally: SkipTally | Non
     """Ref rows -> samples: decode image + mask, augment (train), resize, tokenise; drop bad ones.
 
     ``opts``: image_size, keep_aspect, max_tokens, train, augment, hflip_prob, override (ref_id ->
-    [(sent_id, sentence)] or None). Returns the :data:`COLUMNS` as NumPy arrays."""
+    [(sent_id, sentence)] or None). Rows may also be cache rows (:func:`refseg.data.cache.cache_batch`).
+    Returns the :data:`COLUMNS` as NumPy arrays."""
     from refseg.data.transforms import preprocess, random_augment, tokenize
 
     rng = np.random.default_rng()  # OS entropy: each epoch (each execution) draws anew
+    cached = "pixels" in batch  # rows of the data.cache stage: decoded already (refseg.data.cache)
     size, skips = opts["image_size"], _Skips()
     images, masks, meta, sentences = [], [], [], []
     for i in range(len(batch["ref_id"])):
@@ -328,7 +332,7 @@ def decode_batch(batch: dict, tokenizer: Any, opts: dict, tally: SkipTally | Non
         if opts["train"]:
             good = [good[int(rng.integers(len(good)))]]
         try:
-            image, mask, (orig_h, orig_w) = _load_sample(batch, i, opts)
+            image, mask, (orig_h, orig_w) = cached_sample(batch, i) if cached else _load_sample(batch, i, opts)
         except _Skip as e:
             skips.add(e.reason, e.detail, len(good))
             continue
@@ -541,6 +545,12 @@ def _map_batch_rows(image_size: int, train: bool = True, num_refs: int | None = 
     return rows
 
 
+def sample_opts(data_cfg: DataConfig, train: bool, override: dict | None = None) -> dict:
+    """The ``opts`` of :func:`decode_batch` for ``data_cfg``."""
+    return {"image_size": data_cfg.image_size, "keep_aspect": data_cfg.keep_aspect, "max_tokens": data_cfg.max_tokens,
+            "train": train, "augment": data_cfg.augment, "hflip_prob": data_cfg.hflip_prob, "override": override}
+
+
 def build_dataset(
     data_cfg: DataConfig,
     split: str,
@@ -551,6 +561,7 @@ def build_dataset(
     report: SkipReport | None = None,
     compute: str = "tasks",
     shard: tuple[int, int] | None = None,
+    cache_rows: bool = False,
 ) -> ray.data.Dataset:
     """A Ray Dataset of decoded samples of ``split`` (columns :data:`COLUMNS`, see the module doc).
 
@@ -565,6 +576,10 @@ def build_dataset(
     cluster CPU; ``data_cfg.map_cpus`` CPUs reserved per task (the Parquet read tasks too).
     ``shard=(index, count)``: keep only refs with ``ref_id % count == index`` (before any decoding), so
     ``count`` workers each score a disjoint part of an evaluation split and together every sample.
+    ``data_cfg.cache``: decode every ref once here (materialised in the object store, see
+    :mod:`refseg.data.cache`); each iteration then only draws, augments and tokenises. ``cache_rows``
+    (with data.cache): return those cache rows instead, for a consumer that samples them itself
+    (training: :class:`refseg.data.cache.ShardCache` in every worker).
     """
     seed = 0 if seed is None else seed
     size = data_cfg.image_size
@@ -609,13 +624,27 @@ def build_dataset(
         ds = ray.data.from_arrow([table.slice(i, rows) for i in range(0, table.num_rows, rows)] or [table])
         if train:  # the blocks are in memory already: a new block order every epoch costs nothing
             ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
-    opts = {"image_size": size, "keep_aspect": data_cfg.keep_aspect, "max_tokens": data_cfg.max_tokens,
-            "train": train, "augment": data_cfg.augment, "hflip_prob": data_cfg.hflip_prob, "override": override}
+    opts = sample_opts(data_cfg, train, override)
     tok = tokenizer_spec(tokenizer_source)  # loaded here once; workers rebuild it without torch
     tally = report if isinstance(report, SkipTally) else None
     if tally is not None:
         tally.handle()
     common = {"batch_size": rows, "batch_format": "numpy", "num_cpus": data_cfg.map_cpus}
+    if data_cfg.cache:  # decode once now; the per-epoch map below only draws, augments and tokenises
+        store = ray.cluster_resources().get("object_store_memory", float("inf"))
+        known = data_cfg.source != "parquet" and keeps_original(opts) and "height" in table.column_names
+        pixels = float(pc.sum(pc.multiply(table["height"], table["width"])).as_py() or 0) if known else None
+        check_fits(cache_bytes(ds.count() if data_cfg.source == "parquet" else table.num_rows, size, pixels),
+                   store, split)
+        ds = ds.map_batches(_cache_task, fn_args=(opts, tally), compute=ray.data.TaskPoolStrategy(size=workers),
+                            **common).materialize()
+        if cache_rows:
+            return ds
+        if train:
+            ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
+        opts = {**opts, "override": None}  # applied in the cache rows
+    elif cache_rows:
+        raise ValueError("cache_rows=True needs data.cache=true")
     if compute == "actors":
         ds = ds.map_batches(SampleDecoder, fn_constructor_args=(tok, opts, tally),
                             compute=ray.data.ActorPoolStrategy(size=workers or 2), **common)

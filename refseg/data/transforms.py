@@ -284,8 +284,10 @@ def random_augment(image: np.ndarray, mask: np.ndarray | None, sentence: str, rn
             image = canvas
             if mask is not None:
                 m = np.zeros_like(mask, dtype=np.uint8)
-                small_m = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))
-                m[oy:oy + nh, ox:ox + nw] = np.asarray(small_m.resize((nw, nh), Image.NEAREST))
+                # the same bilinear filter as the image, thresholded at 1/2: the mask stays on the object
+                # (nearest drops or doubles whole rows/columns -- 1 px of a 10-px object)
+                small_m = Image.fromarray(np.ascontiguousarray(mask, dtype=np.float32)).resize((nw, nh), Image.BILINEAR)
+                m[oy:oy + nh, ox:ox + nw] = np.asarray(small_m) >= 0.5
                 mask = m
     return image, mask, sentence
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -47,6 +48,18 @@ def absolutize(cfg: Config) -> Config:
     return cfg
 
 
+def extensions_env() -> dict[str, str]:
+    """{TORCH_EXTENSIONS_DIR: <venv>/torch_extensions} unless the user set it or the venv is read-only.
+
+    DeepSpeed JIT-builds its CPU communication op there on first use (1-2 min); the default
+    ~/.cache/torch_extensions is shared by every venv, so two venvs (another checkout, CI) rebuild it
+    back and forth and a run pays the build inside its wall time."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return {"TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}
+    path = os.path.join(sys.prefix, "torch_extensions")
+    return {"TORCH_EXTENSIONS_DIR": path} if os.access(sys.prefix, os.W_OK) else {}
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to ``address`` / $RAY_ADDRESS when given, else start a fresh local instance."""
     import ray
@@ -60,7 +73,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # A rank blocked in a CPU collective can stall Ray Train's health check of the group for
         # its 10-minute default after a peer dies; on a local instance, notice within 90 s.
         env = {"RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", "90"),
-               **raylog.worker_env()}
+               **extensions_env(), **raylog.worker_env()}
+        os.environ.update(extensions_env())  # --local trains in this process
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  runtime_env={"env_vars": env, "worker_process_setup_hook": "refseg.raylog.quiet_worker"})
 
@@ -94,7 +108,9 @@ def build_datasets(cfg: Config, world: int) -> tuple[dict, int]:
     from refseg.data import build_dataset, count_refs
 
     data = cfg.data
-    datasets = {"train": build_dataset(data, data.train_split, train=True, tokenizer_source=cfg.model.text)}
+    # data.cache: the decoded rows; every worker keeps its shard and samples it (refseg.data.cache.ShardCache)
+    datasets = {"train": build_dataset(data, data.train_split, train=True, tokenizer_source=cfg.model.text,
+                                       cache_rows=data.cache)}
     train_rows = count_refs(data, data.train_split)
     if cfg.train.val_every:
         # validation always pairs images with their own expressions, also in the shuffled control run

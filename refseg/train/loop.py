@@ -161,6 +161,23 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def shard_cache(shard, cfg: Config) -> tuple[Any, int]:
+    """data.cache: (ShardCache of this rank's rows, batches per epoch that every rank can make)."""
+    from refseg.data.cache import ShardCache
+    from refseg.data.ray_data import get_tokenizer, sample_opts, tokenizer_spec
+
+    cache = ShardCache(shard.iter_batches(batch_format="numpy"), get_tokenizer(tokenizer_spec(cfg.model.text)),
+                       sample_opts(cfg.data, train=True))
+    batches = len(cache) // cfg.train.batch_size
+    # every rank must run the same number of steps (collectives); streaming_split(equal=True) gives
+    # equal shards, and agreeing on the minimum keeps it so if a shard ever comes up short
+    if _dist_ready() and torch.distributed.get_world_size() > 1:
+        t = torch.tensor([batches], dtype=torch.int64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        batches = int(t.item())
+    return cache, batches
+
+
 def all_gather_objects(obj: Any) -> list:
     if _dist_ready() and torch.distributed.get_world_size() > 1:
         out: list = [None] * torch.distributed.get_world_size()
@@ -251,9 +268,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard(f"val_{rank}") if cfg.train.val_every else None
     iter_kw = {"batch_size": cfg.train.batch_size, "drop_last": True, "prefetch_batches": 2}
+    cache = None
     while state["epoch"] < cfg.train.epochs:
         epoch = state["epoch"]
-        stats = train_epoch(engine, train_shard.iter_batches(**iter_kw, batch_format="numpy"), cfg, state, ctx)
+        if cfg.data.cache:  # this rank's decoded rows, pulled once, re-sampled here every epoch
+            if cache is None:
+                cache, cache_batches = shard_cache(train_shard, cfg)
+            batches = cache.epoch(cfg.train.batch_size, cache_batches)
+        else:
+            batches = train_shard.iter_batches(**iter_kw, batch_format="numpy")
+        stats = train_epoch(engine, batches, cfg, state, ctx)
         metrics = {"epoch": epoch + 1, "step": state["global_step"], "lr": max(scheduler.get_last_lr()), **stats}
         last = epoch + 1 == cfg.train.epochs
         if val_shard is not None and ((epoch + 1) % cfg.train.val_every == 0 or last):
