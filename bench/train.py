@@ -42,7 +42,8 @@ def bench_config(preset: str, workers: int, image_size: int, batch: int, steps: 
 
     cfg = load_config(REPO / "configs" / "debug.yaml", [
         f"data.root={data_root}", "data.synthetic_images=200", f"data.image_size={image_size}",
-        "data.augment=false", f"train.num_workers={workers}", "train.cpus_per_worker=0.5",
+        "data.augment=false", "data.cache=false",  # the streamed Ray Data path, as in BENCHMARKS.md
+        f"train.num_workers={workers}", "train.cpus_per_worker=0.5",
         f"train.batch_size={batch}", "train.epochs=2", f"train.max_steps_per_epoch={steps}",
         "train.val_every=0", "train.checkpoint_every=100", "train.log_every=1000",
     ])
