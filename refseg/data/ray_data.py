@@ -207,6 +207,17 @@ def _texts(batch: dict, i: int, override: dict | None) -> list[tuple[int, str]]:
     return [(int(batch["sent_id"][i]), str(batch["sentence"][i]))]
 
 
+def usable_texts(batch: dict, i: int, opts: dict, skips: _Skips) -> list[tuple[int, str]]:
+    """Row ``i``'s non-empty (sent_id, sentence) pairs; the samples lost to empty ones are counted in
+    ``skips`` (training: the ref, only when it has none left; evaluation: each empty sentence)."""
+    texts = _texts(batch, i, opts["override"])
+    good = [(s, t) for s, t in texts if t.strip()]
+    empty = (0 if good else 1) if opts["train"] else len(texts) - len(good)
+    if empty:
+        skips.add(EMPTY_SENTENCE, f"ref {int(batch['ref_id'][i])}", empty)
+    return good
+
+
 def _known_size(batch: dict, i: int) -> tuple[int, int] | None:
     """The original (H, W) when the row states it (RLE size, or height/width), else None."""
     if "mask_h" in batch:
@@ -322,11 +333,7 @@ def decode_batch(batch: dict, tokenizer: Any, opts: dict, tally: SkipTally | Non
     images, masks, meta, sentences = [], [], [], []
     for i in range(len(batch["ref_id"])):
         ref_id = int(batch["ref_id"][i])
-        texts = _texts(batch, i, opts["override"])
-        good = [(s, t) for s, t in texts if t.strip()]
-        empty = (0 if good else 1) if opts["train"] else len(texts) - len(good)  # samples lost
-        if empty:
-            skips.add(EMPTY_SENTENCE, f"ref {ref_id}", empty)
+        good = usable_texts(batch, i, opts, skips)
         if not good:
             continue
         if opts["train"]:
