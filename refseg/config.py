@@ -108,8 +108,8 @@ class DataConfig:
     max_samples: int | None = None  # cap per split (quick runs)
     num_read_tasks: int | None = None  # Ray Data parallelism of the decode/transform stage
     map_cpus: float = 0.5  # CPUs reserved per Ray Data map task
-    # decode every ref once (uint8 at image_size) into the object store, then only draw sentences,
-    # augment and tokenise per epoch: for small sets (~4*S^2 bytes per ref; the debug/synthetic set)
+    # decode every ref once into the object store; training workers then keep their shard in memory and
+    # only draw, augment and tokenise per epoch: for small sets (4 B/pixel/ref; see refseg.data.cache)
     cache: bool = False
 
 
