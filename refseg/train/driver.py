@@ -72,9 +72,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         # A rank blocked in a CPU collective can stall Ray Train's health check of the group for
         # its 10-minute default after a peer dies; on a local instance, notice within 90 s.
+        extensions = extensions_env()
+        os.environ.update(extensions)  # --local trains in this process
         env = {"RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", "90"),
-               **extensions_env(), **raylog.worker_env()}
-        os.environ.update(extensions_env())  # --local trains in this process
+               **extensions, **raylog.worker_env()}
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  runtime_env={"env_vars": env, "worker_process_setup_hook": "refseg.raylog.quiet_worker"})
 
