@@ -91,8 +91,10 @@ def test_at_train_res_block_uses_nearest_resized_gt(one_worker, synthetic_root, 
         m.update(torch.sigmoid(logits)[0, 0].numpy() > 0.5, gt)
     want = m.compute()
     got = json.loads((one_worker / "metrics.json").read_text())["at_train_res"]
-    assert got["oiou"] == pytest.approx(want["oiou"], abs=1e-9)
-    assert got["miou"] == pytest.approx(want["miou"], abs=1e-9)
+    # one sample at a time here, batches of 16 in the pipeline: the CPU convolution kernels may
+    # differ in the last float bit and flip a boundary pixel or two
+    assert got["oiou"] == pytest.approx(want["oiou"], abs=1e-5)
+    assert got["miou"] == pytest.approx(want["miou"], abs=1e-5)
 
 
 @pytest.mark.slow
@@ -103,6 +105,19 @@ def test_two_workers_give_identical_metrics(one_worker, ckpt, synthetic_root, tm
     m1 = json.loads((one_worker / "metrics.json").read_text())
     assert _numbers(m2) == _numbers(m1)
     assert (tmp_path / "per_sample.jsonl").read_text() == (one_worker / "per_sample.jsonl").read_text()
+
+
+def test_batch_blocks_hold_exactly_one_batch_each():
+    """Ray Data gets blocks of exactly batch_size rows, so map_batches(batch_size=...) hands each actor
+    whole blocks (batches do not depend on the actor count; GPU actors need an explicit size)."""
+    from refseg.infer.evaluate import batch_blocks
+
+    items = [{"id": i, "text": f"t{i}"} for i in range(37)]
+    blocks = batch_blocks(items, 16)
+    assert [b.num_rows for b in blocks] == [16, 16, 5]
+    assert [r["id"] for b in blocks for r in b.to_pylist()] == list(range(37))
+    assert [b.num_rows for b in batch_blocks(items[:32], 16)] == [16, 16]
+    assert batch_blocks([], 16) == []
 
 
 def test_unreadable_image_is_skipped_and_counted(ray_session, ckpt, synthetic_root, tmp_path):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -83,7 +82,7 @@ def ship_checkpoint(checkpoint: str | os.PathLike) -> tuple[list, Any]:
     return box, cfg
 
 
-def predictor_from_box(box: list) -> Any:
+def predictor_from_box(box: list, compile: bool = False) -> Any:
     """Inside an actor: the Predictor for the model.pt bytes in ``box`` (CUDA when visible)."""
     import ray
     import torch
@@ -94,7 +93,7 @@ def predictor_from_box(box: list) -> Any:
     with tempfile.TemporaryDirectory(prefix="refseg-actor-") as tmp:
         path = Path(tmp) / "model.pt"
         path.write_bytes(data)
-        return Predictor.from_checkpoint(path, "cuda" if torch.cuda.is_available() else "cpu")
+        return Predictor.from_checkpoint(path, "cuda" if torch.cuda.is_available() else "cpu", compile=compile)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -112,8 +111,9 @@ def _drafted(orig: tuple[int, int], got: tuple[int, int]) -> bool:
 class EvalActor:
     """Ray Data callable class: a batch of records -> per-sample areas (see the module docstring)."""
 
-    def __init__(self, box: list, threshold: float, at_train_res: bool, masks_dir: str | None) -> None:
-        self.predictor = predictor_from_box(box)
+    def __init__(self, box: list, threshold: float, at_train_res: bool, masks_dir: str | None,
+                 compile: bool = False) -> None:
+        self.predictor = predictor_from_box(box, compile)
         self.threshold, self.at_train_res = threshold, at_train_res
         self.masks_dir = Path(masks_dir) if masks_dir else None
 
@@ -192,6 +192,17 @@ def _items(records: list[dict]) -> list[dict]:
              "seg_json": json.dumps(r["segmentation"])} for r in records]
 
 
+def batch_blocks(items: list[dict], batch_size: int) -> list:
+    """Arrow tables of exactly ``batch_size`` rows (the last may be short), one Ray Data block each.
+
+    With ``map_batches(batch_size=batch_size)`` every batch is then one whole block, so batches (and
+    results) do not depend on the number of actors; Ray Data refuses ``batch_size=None`` for GPU
+    actors, which is why the size is explicit."""
+    import pyarrow as pa
+
+    return [pa.Table.from_pylist(items[i: i + batch_size]) for i in range(0, len(items), batch_size)]
+
+
 def _check_args(workers: int, batch_size: int, threshold: float) -> None:
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
@@ -211,17 +222,16 @@ def _metrics(rows: dict, suffix: str) -> dict:
 
 
 def run_eval_pipeline(records: list[dict], box: list, *, workers: int, batch_size: int, threshold: float,
-                      at_train_res: bool, masks_dir: Path | None) -> dict:
+                      at_train_res: bool, masks_dir: Path | None, compile: bool = False) -> dict:
     """Ray Data: records -> EvalActor pool -> columns of all samples, sorted by (ref_id, sent_id)."""
     import ray
     import ray.data
 
     opts = actor_options(workers)
-    ds = ray.data.from_items(_items(records), override_num_blocks=max(1, math.ceil(len(records) / batch_size)))
-    # batch_size=None: one block = one batch, so batches (and results) do not depend on `workers`
-    ds = ds.map_batches(EvalActor, batch_size=None, batch_format="numpy",
+    ds = ray.data.from_arrow(batch_blocks(_items(records), batch_size))
+    ds = ds.map_batches(EvalActor, batch_size=batch_size, batch_format="numpy",
                         fn_constructor_kwargs={"box": box, "threshold": threshold, "at_train_res": at_train_res,
-                                               "masks_dir": str(masks_dir) if masks_dir else None},
+                                               "masks_dir": str(masks_dir) if masks_dir else None, "compile": compile},
                         compute=ray.data.ActorPoolStrategy(size=workers), **opts)
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     cols = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]} if parts else {}
@@ -232,7 +242,7 @@ def run_eval_pipeline(records: list[dict], box: list, *, workers: int, batch_siz
 def evaluate(checkpoint: str | os.PathLike, data_root: str | os.PathLike, dataset: str, split_by: str,
              split: str, *, image_dir: str | None = None, workers: int = 1, batch_size: int = 16,
              threshold: float = 0.5, save_masks: bool = False, at_train_res: bool = False,
-             output: str | os.PathLike, address: str | None = None) -> dict:
+             output: str | os.PathLike, address: str | None = None, compile: bool = False) -> dict:
     """Score ``checkpoint`` on every (ref, sentence) of ``split``; writes and returns metrics.json."""
     from refseg.data.errors import RefSegDataError, SkipReport
     from refseg.data.refer import load_split
@@ -255,7 +265,7 @@ def evaluate(checkpoint: str | os.PathLike, data_root: str | os.PathLike, datase
     if masks_dir is not None:
         masks_dir.mkdir(exist_ok=True)
     cols = run_eval_pipeline(records, box, workers=workers, batch_size=batch_size, threshold=threshold,
-                             at_train_res=at_train_res, masks_dir=masks_dir)
+                             at_train_res=at_train_res, masks_dir=masks_dir, compile=compile)
 
     skipped = dict(report.counts)
     for reason in cols["reason"]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -182,10 +181,10 @@ def _done_ids(results: Path) -> set[str]:
 class SegmentActor:
     """Ray Data callable class: rows {line, id, image, text} -> masks on disk + one result per row."""
 
-    def __init__(self, box: list, threshold: float, out: str, overlays: bool) -> None:
+    def __init__(self, box: list, threshold: float, out: str, overlays: bool, compile: bool = False) -> None:
         from refseg.infer.evaluate import predictor_from_box
 
-        self.predictor = predictor_from_box(box)
+        self.predictor = predictor_from_box(box, compile)
         self.threshold, self.out, self.overlays = threshold, Path(out), overlays
 
     def __call__(self, batch: dict) -> dict:
@@ -286,10 +285,10 @@ def _collect(ds: Any, results_path: Path, good: list[dict], workers: int) -> tup
 
 def segment(checkpoint: str | os.PathLike, manifest: str | os.PathLike, output: str | os.PathLike, *,
             workers: int = 1, batch_size: int = 8, threshold: float = 0.5, overlays: bool = False,
-            address: str | None = None) -> dict:
+            address: str | None = None, compile: bool = False) -> dict:
     """Segment every manifest row into ``output`` (see the module docstring); returns a summary with
     ``exit_code`` 0 (every row succeeded) or 3 (some rows are in errors.jsonl)."""
-    from refseg.infer.evaluate import actor_options, ship_checkpoint, start_ray, write_atomic
+    from refseg.infer.evaluate import actor_options, batch_blocks, ship_checkpoint, start_ray, write_atomic
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
@@ -313,12 +312,11 @@ def segment(checkpoint: str | os.PathLike, manifest: str | os.PathLike, output: 
         start_ray(address)
         opts = actor_options(workers)
         box, _ = ship_checkpoint(checkpoint)
-        ds = ray.data.from_items([{k: r[k] for k in ("line", "id", "image", "text")} for r in good],
-                                 override_num_blocks=max(1, math.ceil(len(good) / batch_size)))
-        # batch_size=None: one block = one batch, whatever the number of actors
-        ds = ds.map_batches(SegmentActor, batch_size=None, batch_format="numpy",
+        rows = [{k: r[k] for k in ("line", "id", "image", "text")} for r in good]
+        ds = ray.data.from_arrow(batch_blocks(rows, batch_size))
+        ds = ds.map_batches(SegmentActor, batch_size=batch_size, batch_format="numpy",
                             fn_constructor_kwargs={"box": box, "threshold": threshold, "out": str(out),
-                                                   "overlays": overlays},
+                                                   "overlays": overlays, "compile": compile},
                             compute=ray.data.ActorPoolStrategy(size=workers), **opts)
         ok, failed, steady_from = _collect(ds, out / "results.jsonl", good, workers)
         errors += failed

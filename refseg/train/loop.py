@@ -45,6 +45,7 @@ def pick_device(use_gpu: bool) -> torch.device:
     if use_gpu and torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
@@ -70,11 +71,14 @@ def setup_engine(cfg: Config, total_steps: int, device: torch.device):
         # ("expected scalar type BFloat16"). Cast the whole module (buffers included) up front:
         # the fp32 master weights DeepSpeed keeps start from the same values.
         model = model.to(torch.bfloat16)
-    if device.type == "cuda" and cfg.train.precision != "fp32":
-        model = model.to(memory_format=torch.channels_last)
+    # No channels_last weights: DeepSpeed broadcasts each parameter as a byte view (fails on a
+    # non-unit last stride, seen on an H200) and ZeRO re-points parameters into flat contiguous
+    # buffers anyway. The input batch is channels_last on CUDA instead (to_inputs).
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    if cfg.train.compile:
+        engine.compile()  # nn.Module.compile in place: checkpoints keep their parameter names
     return engine, scheduler
 
 
@@ -85,6 +89,8 @@ def engine_dtype(cfg: Config) -> torch.dtype:
 def to_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """Ray Data numpy/torch batch -> (image (B,3,S,S), ids (B,L), attn (B,L), mask (B,S,S))."""
     image = torch.as_tensor(batch["image"]).to(device, dtype=dtype, non_blocking=True)
+    if device.type == "cuda":  # NHWC activations for cuDNN's bf16 convolutions (bench/gpu.py measures it)
+        image = image.contiguous(memory_format=torch.channels_last)
     ids = torch.as_tensor(batch["input_ids"]).to(device, dtype=torch.long, non_blocking=True)
     attn = torch.as_tensor(batch["attention_mask"]).to(device, dtype=torch.long, non_blocking=True)
     mask = torch.as_tensor(batch["mask"]).to(device, dtype=torch.float32, non_blocking=True)
