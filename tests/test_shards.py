@@ -175,3 +175,19 @@ def test_eval_shards_are_disjoint_and_cover_every_sample(ray_session, synthetic_
     refs = load_split_refs(synthetic_root, "refcoco", "unc", "train")
     assert count_refs(base, "train") == len(refs)
     assert count_refs(dataclasses.replace(base, max_samples=7), "train") == 7
+
+
+def test_cache_size_from_shards_matches_the_cache_it_builds(ray_session, shards):
+    """data.cache from shards: the object-store check sizes the cache from the light columns (ref_id,
+    height, width) without reading image bytes, and gets the numbers of the cache it then builds."""
+    from refseg.data.ray_data import _parquet_cache_size
+
+    train = build_dataset(cfg(shards, cache=True, augment=True), "train", train=True, tokenizer_source=TEXT,
+                          cache_rows=True).take_all()
+    n, pixels = _parquet_cache_size(str(shards / "train"), None, True, None, True)
+    assert n == len(train) > 0
+    assert pixels == sum(int(r["orig_h"]) * int(r["orig_w"]) for r in train)  # augmented: original pixels
+    for shard in [(0, 2), (1, 2)]:
+        part = build_dataset(cfg(shards, cache=True), "val", train=False, tokenizer_source=TEXT, shard=shard,
+                             cache_rows=True).take_all()
+        assert _parquet_cache_size(str(shards / "val"), shard, False, None, False) == (len(part), None)

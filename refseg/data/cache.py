@@ -51,7 +51,7 @@ def keeps_original(opts: dict) -> bool:
 def cache_batch(batch: dict, opts: dict, tally: Any = None) -> dict:
     """Ref rows -> cache rows (see the module doc); ``opts`` as for ``decode_batch``."""
     from refseg.data.ray_data import _load_sample, _Skip, _Skips, usable_texts
-    from refseg.data.transforms import resize_geometry
+    from refseg.data.transforms import resize_geometry, resize_to
 
     size, skips, original = opts["image_size"], _Skips(), keeps_original(opts)
     rows: dict[str, list] = {k: [] for k in ("ref_id", "sent_ids", "sentences", "orig_h", "orig_w", "pixels", "pixel_mask")}
@@ -67,7 +67,7 @@ def cache_batch(batch: dict, opts: dict, tally: Any = None) -> dict:
             continue
         if not original:  # the content at the model's geometry: preprocess then only normalises and pads
             rh, rw = resize_geometry(oh, ow, size, opts["keep_aspect"])
-            image, mask = _resized(image, rh, rw, Image.BILINEAR), _resized(mask, rh, rw, Image.NEAREST)
+            image, mask = resize_to(image, rh, rw, Image.BILINEAR), resize_to(mask, rh, rw, Image.NEAREST)
         for key, value in (("ref_id", ref_id), ("sent_ids", [s for s, _ in good]),
                            ("sentences", [t for _, t in good]), ("orig_h", oh), ("orig_w", ow),
                            ("pixels", np.ascontiguousarray(image)), ("pixel_mask", np.ascontiguousarray(mask))):
@@ -86,11 +86,6 @@ def _objects(values: Any) -> np.ndarray:
     for j, v in enumerate(values):
         col[j] = v
     return col
-
-
-def _resized(a: np.ndarray, h: int, w: int, resample: int) -> np.ndarray:
-    img = Image.fromarray(np.ascontiguousarray(a, dtype=np.uint8))
-    return np.asarray(img if img.size == (w, h) else img.resize((w, h), resample))
 
 
 def cached_sample(batch: dict, i: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:

@@ -527,6 +527,32 @@ def _cap_parquet(ds: ray.data.Dataset, texts: dict[int, list], n: int, train: bo
     return ds, {r["ref_id"]: list(zip(r["sent_ids"], r["sentences"])) for r in kept}
 
 
+def _parquet_cache_size(path: str, shard: tuple[int, int] | None, ref_level: bool, refs: set[int] | None,
+                        original: bool) -> tuple[int, float | None]:
+    """(rows data.cache will hold, their original pixels when ``original`` and the shards have
+    height/width) from the light columns alone: ``ds.count()`` would read every shard's image bytes.
+    ``refs``: the refs a max_samples cap keeps (an upper bound for a sentence-level cap)."""
+    import pyarrow.dataset as pads
+
+    fs, inner = filesystem_and_path(path)
+    files = pads.dataset(inner, filesystem=fs, format="parquet")
+    sized = original and {"height", "width"} <= set(files.schema.names)
+    table = files.to_table(columns=["ref_id", "height", "width"] if sized else ["ref_id"])
+    ids = table.column("ref_id").to_numpy()
+    keep = np.ones(len(ids), bool)
+    if shard is not None:
+        keep &= ids % shard[1] == shard[0]
+    if refs is not None:
+        keep &= np.isin(ids, np.fromiter(refs, np.int64, len(refs)))
+    idx = np.flatnonzero(keep)
+    if ref_level:  # one cache row per ref
+        idx = idx[np.unique(ids[idx], return_index=True)[1]]
+    if not sized:
+        return len(idx), None
+    h, w = (table.column(c).to_numpy()[idx].astype(np.int64) for c in ("height", "width"))
+    return len(idx), float((h * w).sum())
+
+
 # ----------------------------------------------------------------------------- the builder
 def _default_workers() -> int | None:
     """At most one concurrent map task per cluster CPU (None before ray.init: Ray Data decides).
@@ -599,6 +625,7 @@ def build_dataset(
         path = posixpath.join(data_cfg.parquet, split) if is_uri(data_cfg.parquet) else os.path.join(
             os.path.abspath(os.path.expanduser(data_cfg.parquet)), split)
         ref_level = train or data_cfg.shuffle_expressions
+        capped: set[int] | None = None
         ds = _parquet_dataset(path, ref_level, seed if train else None, data_cfg.map_cpus)
         if shard is not None:
             from ray.data.expressions import col
@@ -610,6 +637,7 @@ def build_dataset(
                 override = texts = _shuffled_texts(texts, seed)
             if data_cfg.max_samples is not None:
                 ds, texts = _cap_parquet(ds, texts, data_cfg.max_samples, train, ref_level)
+                capped = set(texts)
                 override = texts if override is not None else None
     else:
         refs = load_refs(data_cfg, split, report)
@@ -639,10 +667,12 @@ def build_dataset(
     common = {"batch_size": rows, "batch_format": "numpy", "num_cpus": data_cfg.map_cpus}
     if data_cfg.cache:  # decode once now; the per-epoch map below only draws, augments and tokenises
         store = ray.cluster_resources().get("object_store_memory", float("inf"))
-        known = data_cfg.source != "parquet" and keeps_original(opts) and "height" in table.column_names
-        pixels = float(pc.sum(pc.multiply(table["height"], table["width"])).as_py() or 0) if known else None
-        check_fits(cache_bytes(ds.count() if data_cfg.source == "parquet" else table.num_rows, size, pixels),
-                   store, split)
+        if data_cfg.source == "parquet":
+            num, pixels = _parquet_cache_size(path, shard, ref_level, capped, keeps_original(opts))
+        else:
+            num, known = table.num_rows, keeps_original(opts) and "height" in table.column_names
+            pixels = float(pc.sum(pc.multiply(table["height"], table["width"])).as_py() or 0) if known else None
+        check_fits(cache_bytes(num, size, pixels), store, split)
         ds = ds.map_batches(_cache_task, fn_args=(opts, tally), compute=ray.data.TaskPoolStrategy(size=workers),
                             **common).materialize()
         if cache_rows:

@@ -154,6 +154,12 @@ def resize_geometry(orig_h: int, orig_w: int, size: int, keep_aspect: bool) -> t
     return max(1, min(size, round(orig_h * scale))), max(1, min(size, round(orig_w * scale)))
 
 
+def resize_to(a: np.ndarray, h: int, w: int, resample: int) -> np.ndarray:
+    """uint8 (H, W[, C]) -> (h, w[, C]) with PIL's ``resample``; unchanged when already that size."""
+    img = Image.fromarray(np.ascontiguousarray(a, dtype=np.uint8))
+    return np.asarray(img if img.size == (w, h) else img.resize((w, h), resample))
+
+
 def preprocess_with_meta(image: np.ndarray, mask: np.ndarray | None, size: int, keep_aspect: bool,
                          orig_size: tuple[int, int] | None = None
                          ) -> tuple[np.ndarray, np.ndarray | None, dict]:
@@ -172,20 +178,14 @@ def preprocess_with_meta(image: np.ndarray, mask: np.ndarray | None, size: int, 
     else:
         oh, ow = (mask.shape[:2] if mask is not None else image.shape[:2])
     rh, rw = resize_geometry(oh, ow, size, keep_aspect)
-    pil = Image.fromarray(image)
-    if pil.size != (rw, rh):
-        pil = pil.resize((rw, rh), Image.BILINEAR)
-    pixels = np.asarray(pil)  # (rh, rw, 3) uint8
+    pixels = resize_to(image, rh, rw, Image.BILINEAR)  # (rh, rw, 3) uint8
     out = np.zeros((3, size, size), np.float32)
     for c in range(3):  # a table lookup per channel: the same float32 values as normalising each pixel
         out[c, :rh, :rw] = _NORMALISE_LUT[c][pixels[:, :, c]]
     m_out = None
     if mask is not None:
-        m = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))
-        if m.size != (rw, rh):
-            m = m.resize((rw, rh), Image.NEAREST)
         m_out = np.zeros((size, size), np.uint8)
-        m_out[:rh, :rw] = np.asarray(m)
+        m_out[:rh, :rw] = resize_to(mask, rh, rw, Image.NEAREST)
     meta = {"orig_h": oh, "orig_w": ow, "size": size, "keep_aspect": keep_aspect,
             "resized_h": rh, "resized_w": rw, "pad_h": size - rh, "pad_w": size - rw,
             "scale_y": rh / oh, "scale_x": rw / ow}
