@@ -140,7 +140,7 @@ class Predictor:
         self.model = model.to(self.device).eval()
         if self.cuda:  # bf16 weights, as DeepSpeed trains them: 1.4x the images/s of fp32 + autocast (H200)
             self.model = self.model.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
-        # torch.compile: ~1 min on the first batch, then 2-3x the eager images/s on an H200 (bench/gpu.py)
+        # torch.compile: ~1 min on the first batch; the bare R101 model ran 3.2x faster on an H200 (bench/gpu.py)
         self._run = torch.compile(self.model) if compile else self.model
         self.tokenizer = tokenizer
         self.image_size, self.keep_aspect, self.max_tokens = int(image_size), bool(keep_aspect), int(max_tokens)
