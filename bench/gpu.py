@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -52,8 +51,7 @@ SENTENCES = ["the man in the red shirt on the left", "woman holding a blue umbre
 def bench_config(a, data_root: Path):
     """configs/refcoco_r101.yaml (or --preset) with random weights of the same shapes and one worker."""
     from refseg.config import load_config
-    from refseg.models.presets import TINY_TOKENIZER, preset_config
-    from refseg.models.text import offline_bert_config
+    from refseg.models.presets import offline_preset
 
     cfg = load_config(REPO / "configs" / "refcoco_r101.yaml", [
         f"data.root={data_root}", "data.synthetic=true", f"data.synthetic_images={a.images}",
@@ -63,11 +61,7 @@ def bench_config(a, data_root: Path):
         "train.log_every=10", "train.keep_checkpoints=1", f"train.storage_path={data_root.parent / 'ray'}",
         "eval.batch_size=32",
     ])
-    cfg.model = preset_config(a.preset)
-    cfg.model.vision.weights = None
-    if a.preset != "tiny":
-        cfg.model.text.bert_config = offline_bert_config(cfg.model.text.encoder).to_diff_dict()
-    cfg.model.text.tokenizer = TINY_TOKENIZER  # ids < 409 of bert-base's 30522: the same compute
+    cfg.model = offline_preset(a.preset)
     return cfg
 
 
@@ -276,11 +270,9 @@ def init_dist(device) -> None:
     """A one-process torch.distributed group (what Ray Train sets up for each worker)."""
     import deepspeed
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    from refseg.train.driver import local_env
+
+    local_env()
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
 
 

@@ -37,8 +37,7 @@ sys.path.insert(0, str(REPO))
 def bench_config(preset: str, workers: int, image_size: int, batch: int, steps: int, data_root: Path):
     """The debug config with ``preset``; r50 without hub weights (random init, same shapes)."""
     from refseg.config import load_config
-    from refseg.models.presets import TINY_TOKENIZER, preset_config
-    from refseg.models.text import offline_bert_config
+    from refseg.models.presets import offline_preset
 
     cfg = load_config(REPO / "configs" / "debug.yaml", [
         f"data.root={data_root}", "data.synthetic_images=200", f"data.image_size={image_size}",
@@ -48,10 +47,7 @@ def bench_config(preset: str, workers: int, image_size: int, batch: int, steps: 
         "train.val_every=0", "train.checkpoint_every=100", "train.log_every=1000",
     ])
     if preset != "tiny":
-        cfg.model = preset_config(preset)
-        cfg.model.vision.weights = None
-        cfg.model.text.bert_config = offline_bert_config(cfg.model.text.encoder).to_diff_dict()
-        cfg.model.text.tokenizer = TINY_TOKENIZER  # ids < 409: the compute is the same
+        cfg.model = offline_preset(preset)
     return cfg
 
 

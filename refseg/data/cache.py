@@ -93,10 +93,6 @@ def cached_sample(batch: dict, i: int) -> tuple[np.ndarray, np.ndarray, tuple[in
     return batch["pixels"][i], batch["pixel_mask"][i], (int(batch["orig_h"][i]), int(batch["orig_w"][i]))
 
 
-def _cache_task(batch: dict, opts: dict, tally: Any = None) -> dict:
-    return cache_batch(batch, opts, tally)
-
-
 class ShardCache:
     """Training with ``data.cache``: this worker's cache rows, pulled once from its Ray Data shard and
     kept in process memory; every epoch draws a new row order, sentences and augmentation in-process.

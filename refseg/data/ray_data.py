@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import ray
 
 from refseg.config import DataConfig, TextConfig
-from refseg.data.cache import _cache_task, cache_bytes, cached_sample, check_fits, keeps_original
+from refseg.data.cache import cache_batch, cache_bytes, cached_sample, check_fits, keeps_original
 from refseg.data.errors import RefSegDataError, SkipReport
 from refseg.data.manifest import filesystem_and_path, is_uri, load_mask_png, read_bytes, read_manifest
 
@@ -673,7 +673,7 @@ def build_dataset(
             num, known = table.num_rows, keeps_original(opts) and "height" in table.column_names
             pixels = float(pc.sum(pc.multiply(table["height"], table["width"])).as_py() or 0) if known else None
         check_fits(cache_bytes(num, size, pixels), store, split)
-        ds = ds.map_batches(_cache_task, fn_args=(opts, tally), compute=ray.data.TaskPoolStrategy(size=workers),
+        ds = ds.map_batches(cache_batch, fn_args=(opts, tally), compute=ray.data.TaskPoolStrategy(size=workers),
                             **common).materialize()
         if cache_rows:
             return ds

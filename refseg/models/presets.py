@@ -45,6 +45,19 @@ def read_vocab(path: str | Path) -> dict[str, int]:
     return {tok: i for i, tok in enumerate(lines) if tok}
 
 
+def offline_preset(name: str) -> ModelConfig:
+    """``name``'s shapes with random weights and the bundled vocabulary: no hub downloads, the same
+    compute (token ids < 409 of the real vocab). For benchmarks on machines without the weights."""
+    from refseg.models.text import offline_bert_config
+
+    cfg = preset_config(name)
+    cfg.vision.weights = None
+    if name != "tiny":
+        cfg.text.bert_config = offline_bert_config(cfg.text.encoder).to_diff_dict()
+    cfg.text.tokenizer = TINY_TOKENIZER
+    return cfg
+
+
 def tiny_vocab_size() -> int:
     return len(read_vocab(tiny_vocab_path()))
 

@@ -137,8 +137,8 @@ def steps_per_epoch(train_rows: int, cfg: Config, world: int) -> int:
     return steps
 
 
-def _local_env() -> None:
-    """Ray Train local mode runs in this process: give DeepSpeed a one-rank process group."""
+def local_env() -> None:
+    """A one-rank process group's env vars for this process (Ray Train local mode, bench/gpu.py)."""
     import socket
 
     if os.environ.get("MASTER_PORT"):
@@ -222,7 +222,7 @@ def make_trainer(
     loop_config = {"config": cfg.to_dict(), "output_dir": str(out), "steps_per_epoch": spe, "local": local,
                    "probe_path": probe_path, "t0": t0}
     if local:
-        _local_env()
+        local_env()
         ckpts = sorted((out / "checkpoints").glob("epoch_*")) if resume else []
         if ckpts:
             loop_config["resume_from"] = str(ckpts[-1])
