@@ -331,3 +331,29 @@ def test_shard_cache_samples_every_ref_once_per_epoch_like_the_stream(ray_sessio
                 assert np.abs(b["image"][i] - want["image"]).mean() < 0.1
     assert orders[0] != orders[1]
     assert len(list(cache.epoch(batch_size=5, num_batches=2))) == 2
+
+
+def test_kept_val_batches_replay_the_stream_without_running_it_again(ray_session, synthetic_root):
+    """Validation during training: the first pass over a val shard is kept and replayed bit for bit;
+    a shard over the byte limit streams on every pass."""
+    from refseg.data.cache import KeptBatches
+
+    ds = build_dataset(data_cfg(synthetic_root), "val", train=False, tokenizer_source=TEXT)
+    runs = Counter()
+
+    def stream():
+        runs["executions"] += 1
+        return ds.iter_batches(batch_size=8, batch_format="numpy")
+
+    kept = KeptBatches(stream, limit_bytes=2**30)
+    passes = [list(kept) for _ in range(3)]
+    assert runs["executions"] == 1 and len(passes[0]) > 2
+    for again in passes[1:]:
+        assert [b["sent_id"].tolist() for b in again] == [b["sent_id"].tolist() for b in passes[0]]
+        for a, b in zip(passes[0], again):
+            for col in ("image", "mask", "input_ids", "attention_mask"):
+                np.testing.assert_array_equal(a[col], b[col])
+    one_batch = sum(v.nbytes for v in passes[0][0].values())
+    streamed = KeptBatches(stream, limit_bytes=one_batch)  # only the first batch would fit
+    assert [len(list(streamed)) for _ in range(2)] == [len(passes[0])] * 2
+    assert runs["executions"] == 3

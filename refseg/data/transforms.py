@@ -264,13 +264,15 @@ def random_augment(image: np.ndarray, mask: np.ndarray | None, sentence: str, rn
     Returns uint8 image (H, W, 3), uint8 mask (H, W) or None, sentence."""
     if rng.random() < hflip_prob:
         image, mask, sentence = hflip_sample(image, mask, sentence)
-    x = image.astype(np.float32)
+    # photometric change = one affine map of the 256 grey levels, applied as a lookup table (the same
+    # uint8 values as computing it per pixel in float32, ~4x less work on a 640x480 image)
+    x = np.arange(256, dtype=np.float32)
     if contrast > 0:
-        grey = float(x.mean())
-        x = (x - grey) * rng.uniform(1 - contrast, 1 + contrast) + grey
+        grey = np.float32(image.mean())
+        x = (x - grey) * np.float32(rng.uniform(1 - contrast, 1 + contrast)) + grey
     if brightness > 0:
-        x = x * rng.uniform(1 - brightness, 1 + brightness)
-    image = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+        x = x * np.float32(rng.uniform(1 - brightness, 1 + brightness))
+    image = np.clip(np.rint(x), 0, 255).astype(np.uint8)[image]
     if min_scale < 1.0:
         s = rng.uniform(min_scale, 1.0)
         h, w = image.shape[:2]
@@ -286,8 +288,10 @@ def random_augment(image: np.ndarray, mask: np.ndarray | None, sentence: str, rn
                 m = np.zeros_like(mask, dtype=np.uint8)
                 # the same bilinear filter as the image, thresholded at 1/2: the mask stays on the object
                 # (nearest drops or doubles whole rows/columns -- 1 px of a 10-px object)
-                small_m = Image.fromarray(np.ascontiguousarray(mask, dtype=np.float32)).resize((nw, nh), Image.BILINEAR)
-                m[oy:oy + nh, ox:ox + nw] = np.asarray(small_m) >= 0.5
+                # (on 0/255 bytes: the same filter as on 0/1 floats at a quarter of the memory traffic)
+                small_m = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8) * np.uint8(255)).resize(
+                    (nw, nh), Image.BILINEAR)
+                m[oy:oy + nh, ox:ox + nw] = np.asarray(small_m) >= 128
                 mask = m
     return image, mask, sentence
 

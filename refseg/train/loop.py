@@ -23,12 +23,14 @@ import numpy as np
 import torch
 
 from refseg.config import Config, config_from_dict
+from refseg.data.cache import KeptBatches
 from refseg.losses import refseg_loss
 from refseg.metrics import SegMetrics
 from refseg.train.ds_config import build_deepspeed_config, lr_lambda
 from refseg.train.report import CKPT_TAG, STATE_FILE
 
 log = logging.getLogger("refseg.train")
+VAL_KEEP_BYTES = 2**29  # decoded val batches a worker keeps in memory to replay (larger val shards stream)
 
 
 def say(message: str) -> None:
@@ -273,6 +275,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard(f"val_{rank}") if cfg.train.val_every else None
+    # this rank's val batches: decoded on the first validation and replayed after when they are small
+    val_batches = None if val_shard is None else KeptBatches(
+        lambda: val_shard.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy"), VAL_KEEP_BYTES)
     iter_kw = {"batch_size": cfg.train.batch_size, "drop_last": True, "prefetch_batches": 2}
     cache = None
     while state["epoch"] < cfg.train.epochs:
@@ -287,8 +292,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {"epoch": epoch + 1, "step": state["global_step"], "lr": max(scheduler.get_last_lr()), **stats}
         last = epoch + 1 == cfg.train.epochs
         if val_shard is not None and ((epoch + 1) % cfg.train.val_every == 0 or last):
-            batches = val_shard.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy")
-            metrics.update(validate(engine, batches, ctx))
+            metrics.update(validate(engine, val_batches, ctx))
         if "t0" in loop_config:  # wall seconds since the driver started this run (or this resume)
             metrics["elapsed_s"] = time.time() - loop_config["t0"]
         state["epoch"] = epoch + 1
