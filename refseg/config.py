@@ -126,7 +126,8 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: float = 1.0
     precision: str = "bf16"  # bf16 | fp16 | fp32
-    compile: bool = False  # torch.compile inside the DeepSpeed engine (R101 on an H200: 76 s once, then 1.15x per step)
+    # torch.compile inside the DeepSpeed engine (R101 on an H200: 76-90 s once; 1.15x / 0.96x per step in two runs)
+    compile: bool = False
     seed: int = 0
     num_workers: int = 2
     use_gpu: bool = False

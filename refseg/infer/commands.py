@@ -72,8 +72,8 @@ def _common(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--batch-size", type=_positive(int), default=batch_size)
     p.add_argument("--threshold", type=float, default=0.5, help="mask = probability > threshold")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model in each actor: ~1 min of start-up per actor; the R101 model alone ran "
-                        "3.2x faster on an H200 (bench/gpu.py, BENCHMARKS.md); pays off for large sets")
+                   help="torch.compile the model in each actor: ~1 min of start-up per actor; the R101 predictor ran "
+                        "1.8x faster on an H200 (844 vs 458 images/s, bench/gpu.py, BENCHMARKS.md); pays off for large sets")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: $RAY_ADDRESS, else a fresh local instance)")
 
