@@ -154,6 +154,9 @@ class KeptBatches:
         for batch in self.make_batches():
             if kept is not None:
                 size += sum(getattr(v, "nbytes", 0) for v in batch.values())
-                kept = kept + [{k: np.array(v) for k, v in batch.items()}] if size <= self.limit else None
+                if size <= self.limit:
+                    kept.append({k: np.array(v) for k, v in batch.items()})
+                else:
+                    kept = None
             yield batch
         self.kept = kept
