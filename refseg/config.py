@@ -65,6 +65,9 @@ class FusionConfig:
 @dataclass
 class DecoderConfig:
     channels: list[int] = field(default_factory=lambda: [128, 64, 32, 16])
+    # skip from the backbone's stride-2 stem activations into the decoder's stride-2 stage (sentence-
+    # gated like the FPN skips, zero at init): the sub-pixel head then sees edges at half resolution
+    stem_skip: bool = False
 
 
 @dataclass

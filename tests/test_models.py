@@ -32,9 +32,10 @@ def tokenizer():
     return load_tokenizer(preset_config("tiny").text)
 
 
-def tiny_model(seed: int = 0, **fusion) -> torch.nn.Module:
+def tiny_model(seed: int = 0, stem_skip: bool = True, **fusion) -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = preset_config("tiny")
+    cfg.decoder.stem_skip = stem_skip
     for k, v in fusion.items():
         setattr(cfg.fusion, k, v)
     return build_model(cfg)
@@ -113,9 +114,34 @@ def test_bf16_autocast_forward_backward(tokenizer) -> None:
 
 @pytest.mark.parametrize("level", [8, 32])
 def test_other_fusion_levels_reach_input_size(tokenizer, level: int) -> None:
-    model = tiny_model(level=level)
+    # at level 32 the 4 decoder stages sit at strides 16, 8, 4, 2: no stage before the last at stride 2
+    model = tiny_model(level=level, stem_skip=level != 32)
     ids, mask = encode(tokenizer, SENTENCES[:2], 8)
     assert model(torch.randn(2, 3, 64, 64), ids, mask)["logits"].shape == (2, 1, 64, 64)
+    with pytest.raises(ValueError, match=r"stem_skip needs a decoder stage at stride 2.*\[16, 8, 4, 2\]"):
+        tiny_model(level=32, stem_skip=True)
+
+
+def test_stem_skip_starts_as_identity_then_learns(tokenizer) -> None:
+    from refseg.models.vision import VisionEncoder
+
+    ids, mask = encode(tokenizer, SENTENCES[:2], 8)
+    image = torch.randn(2, 3, 64, 64)
+    skip, plain = tiny_model(stem_skip=True), tiny_model(stem_skip=False)
+    assert skip.decoder.uses_stem and not plain.decoder.uses_stem
+    feats = skip.vision(image, skip.text(ids, mask)[1], stem=True)
+    assert feats["2"].shape == (2, skip.vision.stem_channels, 32, 32) and "2" not in plain.vision(image, feats["2"].new_zeros(2, 64))
+    missing, unexpected = plain.load_state_dict(skip.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith("decoder.skips.2.") for k in unexpected)
+    with torch.no_grad():  # zero at init: the same logits as the decoder without the skip (eval: no dropout)
+        torch.testing.assert_close(skip.eval()(image, ids, mask)["logits"], plain.eval()(image, ids, mask)["logits"])
+    skip.train()
+    target = (torch.rand(2, 64, 64) > 0.7).float()
+    refseg_loss(skip(image, ids, mask)["logits"], target).backward()
+    assert skip.decoder.skips["2"].proj[1].weight.grad.abs().sum() > 0  # the skip's scale gets a gradient
+    # a torchvision body exposes conv1's 64 stride-2 maps
+    r18 = VisionEncoder("resnet18", weights=None, pretrained=False, fpn_channels=16)
+    assert r18.stem_channels == 64 and r18(torch.randn(1, 3, 64, 64), stem=True)["2"].shape == (1, 64, 32, 32)
 
 
 # ----------------------------------------------------------------------------- padding invariance

@@ -8,7 +8,8 @@
 Data flow: BERT+BiLSTM -> words + sentence; ResNet+FPN (strides 4..32; with ``fusion.early`` every
 ResNet stage is FiLM-modulated by the sentence, LAVT's language-aware visual encoding) -> Fusion on
 the FPN level ``fusion.level`` (+ the coarser levels upsampled) -> Decoder (4 x 2x upsampling with
-sentence-gated FPN skips and a sentence FiLM per stage) -> logits.
+sentence-gated FPN skips -- and, with ``decoder.stem_skip``, the stem's stride-2 map -- and a sentence
+FiLM per stage) -> logits.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class RefSegModel(nn.Module):
             image = F.pad(image, (0, pw, 0, ph))
         words, sentence = self.text(input_ids, attention_mask)  # (B, L, Dt), (B, Dt)
         early = sentence if self.vision.film is not None else None  # fusion.early: language-aware encoder
-        feats = {int(k): v for k, v in self.vision(image, early).items()}  # {stride: (B, C, Hp/stride, Wp/stride)}
+        stem = self.decoder.uses_stem
+        feats = {int(k): v for k, v in self.vision(image, early, stem).items()}  # {stride: (B, C, Hp/s, Wp/s)}
         fused, sent, attn = self.fusion(self._fusion_input(feats), words, attention_mask, sentence, return_attn)
         logits = self.decoder(fused, feats, sent)  # (B, 1, Hp*, Wp*)
         if logits.shape[-2:] != image.shape[-2:]:
@@ -108,5 +110,6 @@ def build_model(cfg: str | ModelConfig, pretrained: bool = True) -> RefSegModel:
                            language_dim=t.dim if f.early else None)
     text = TextEncoder(build_bert(t.encoder, t.bert_config, pretrained), t.lstm_hidden, t.dim, t.freeze_encoder)
     fusion = Fusion(v.fpn_channels, t.dim, cfg.dim, f.num_layers, f.num_heads, f.ffn_dim, f.dropout)
-    decoder = Decoder(cfg.dim, list(cfg.decoder.channels), v.fpn_channels, cfg.dim, start_stride=f.level)
+    decoder = Decoder(cfg.dim, list(cfg.decoder.channels), v.fpn_channels, cfg.dim, start_stride=f.level,
+                      stem_channels=vision.stem_channels if cfg.decoder.stem_skip else None)
     return RefSegModel(vision, text, fusion, decoder, f.level, config=cfg)

@@ -207,21 +207,34 @@ class VisionEncoder(nn.Module):
         if language_dim:
             self.film = nn.ModuleList(StageFiLM(c, language_dim, zero_init=weights is not None) for c in self.channels)
 
-    def forward(self, image: torch.Tensor, sentence: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """image (B,3,H,W)[, sentence (B,D)] -> {"4": (B,C,H/4,W/4), "8": ..., "16": ..., "32": ...}.
+    @property
+    def stem_channels(self) -> int:
+        """Channels of the stride-2 stem activations (``forward(..., stem=True)["2"]``)."""
+        b = self.body
+        return b.stem[0].out_channels if isinstance(b, TinyResNet) else b.conv1.out_channels
+
+    def forward(self, image: torch.Tensor, sentence: torch.Tensor | None = None,
+                stem: bool = False) -> dict[str, torch.Tensor]:
+        """image (B,3,H,W)[, sentence (B,D)] -> {"4": (B,C,H/4,W/4), "8": ..., "16": ..., "32": ...}
+        (+ ``stem``: "2": the stem's stride-2 activations (B, stem_channels, H/2, W/2)).
 
         Keys are strings: DeepSpeed ZeRO-3's forward hooks walk module outputs and need str keys."""
         if self.film is not None and sentence is None:
             raise ValueError("this vision encoder is language-aware (fusion.early=true): pass the sentence feature.")
         b = self.body
         if isinstance(b, TinyResNet):
-            x = b.stem(image)  # (B, C0, H/4, W/4)
+            half = b.stem[:3](image)  # (B, C/2, H/2, W/2)
+            x = b.stem[3:](half)  # (B, C0, H/4, W/4)
         else:
-            x = b.maxpool(b.relu(b.bn1(b.conv1(image))))  # (B, C0, H/4, W/4)
+            half = b.relu(b.bn1(b.conv1(image)))  # (B, 64, H/2, W/2)
+            x = b.maxpool(half)  # (B, C0, H/4, W/4)
         feats = OrderedDict()
         for i, (stride, layer) in enumerate(zip(STRIDES, (b.layer1, b.layer2, b.layer3, b.layer4))):
             x = layer(x)
             if self.film is not None:
                 x = self.film[i](x, sentence)
             feats[str(stride)] = x
-        return dict(self.fpn(feats))
+        out = dict(self.fpn(feats))
+        if stem:
+            out["2"] = half
+        return out
