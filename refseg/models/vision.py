@@ -88,11 +88,10 @@ class TinyResNet(nn.Module):
         super().__init__()
         if len(widths) != 4 or len(blocks) != 4:
             raise ValueError(f"vision.widths and vision.blocks need 4 entries each, got {widths} and {blocks}.")
-        half = widths[0]
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, half, kernel_size=3, stride=2, padding=1, bias=False), norm(half), nn.ReLU(inplace=True),
-            nn.Conv2d(half, widths[0], kernel_size=3, stride=2, padding=1, bias=False), norm(widths[0]),
-            nn.ReLU(inplace=True),
+        c = self.stem_channels = widths[0]
+        self.stem = nn.Sequential(  # [:3] -> stride 2, [3:] -> stride 4 (see stem_halves)
+            nn.Conv2d(3, c, kernel_size=3, stride=2, padding=1, bias=False), norm(c), nn.ReLU(inplace=True),
+            nn.Conv2d(c, c, kernel_size=3, stride=2, padding=1, bias=False), norm(c), nn.ReLU(inplace=True),
         )
         inplanes = widths[0]
         for i, (width, n) in enumerate(zip(widths, blocks)):
@@ -108,6 +107,11 @@ class TinyResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def stem_halves(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image (B, 3, H, W) -> the stem's stride-2 map (B, C0, H/2, W/2) and its output (B, C0, H/4, W/4)."""
+        half = self.stem[:3](image)
+        return half, self.stem[3:](half)
 
 
 def _load_weights_file(body: nn.Module, path: str) -> None:
@@ -214,7 +218,7 @@ class VisionEncoder(nn.Module):
     def stem_channels(self) -> int:
         """Channels of the stride-2 stem activations (``forward(..., stem=True)["2"]``)."""
         b = self.body
-        return b.stem[0].out_channels if isinstance(b, TinyResNet) else b.conv1.out_channels
+        return b.stem_channels if isinstance(b, TinyResNet) else b.conv1.out_channels
 
     def forward(self, image: torch.Tensor, sentence: torch.Tensor | None = None,
                 stem: bool = False) -> dict[str, torch.Tensor]:
@@ -226,8 +230,7 @@ class VisionEncoder(nn.Module):
             raise ValueError("this vision encoder is language-aware (fusion.early=true): pass the sentence feature.")
         b = self.body
         if isinstance(b, TinyResNet):
-            half = b.stem[:3](image)  # (B, C0, H/2, W/2)
-            x = b.stem[3:](half)  # (B, C0, H/4, W/4)
+            half, x = b.stem_halves(image)  # (B, C0, H/2, W/2), (B, C0, H/4, W/4)
         else:
             half = b.relu(b.bn1(b.conv1(image)))  # (B, 64, H/2, W/2)
             x = b.maxpool(half)  # (B, C0, H/4, W/4)
