@@ -124,6 +124,19 @@ def test_fp16_on_cpu_is_a_clear_error(ray_session, synthetic_root, tmp_path):
         run_training(small_cfg(synthetic_root, "train.precision=fp16"), tmp_path / "fp16")
 
 
+def test_model_layout_error_is_one_sentence_from_the_driver(tmp_path, capsys):
+    """A model the workers could not build fails in the driver before the output dir exists: one line."""
+    from refseg.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["train", "--config", str(REPO / "configs" / "debug.yaml"), "--output-dir", str(out),
+               "model.dim=64", "model.fusion.num_heads=3"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.strip() == "refseg: error: model: model.dim=64 must be divisible by fusion.num_heads=3."
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_local_mode_cli_single_process(synthetic_root, tmp_path):
     """`refseg train --local`: the loop runs in the driver process (a subprocess here, own Ray)."""

@@ -37,8 +37,6 @@ class RefSegModel(nn.Module):
     def __init__(self, vision: VisionEncoder, text: TextEncoder, fusion: Fusion, decoder: Decoder, level: int,
                  config: ModelConfig | None = None) -> None:
         super().__init__()
-        if level not in (4, 8, 16, 32):
-            raise ValueError(f"fusion.level must be one of 4, 8, 16, 32, got {level}.")
         self.vision, self.text, self.fusion, self.decoder = vision, text, fusion, decoder
         self.level = level
         self.config = config
@@ -105,11 +103,29 @@ def build_model(cfg: str | ModelConfig, pretrained: bool = True) -> RefSegModel:
     to count parameters offline or before loading a checkpoint.
     """
     cfg = preset_config(cfg) if isinstance(cfg, str) else copy.deepcopy(cfg)
+    t = cfg.text
+    vision, fusion, decoder = _build_image_side(cfg, pretrained)
+    text = TextEncoder(build_bert(t.encoder, t.bert_config, pretrained), t.lstm_hidden, t.dim, t.freeze_encoder)
+    return RefSegModel(vision, text, fusion, decoder, cfg.fusion.level, config=cfg)
+
+
+def _build_image_side(cfg: ModelConfig, pretrained: bool) -> tuple[VisionEncoder, Fusion, Decoder]:
     v, t, f = cfg.vision, cfg.text, cfg.fusion
+    if f.level not in (4, 8, 16, 32):
+        raise ValueError(f"fusion.level must be one of 4, 8, 16, 32, got {f.level}.")
     vision = VisionEncoder(v.backbone, v.weights, pretrained, v.widths, v.blocks, v.norm, v.fpn_channels,
                            language_dim=t.dim if f.early else None)
-    text = TextEncoder(build_bert(t.encoder, t.bert_config, pretrained), t.lstm_hidden, t.dim, t.freeze_encoder)
     fusion = Fusion(v.fpn_channels, t.dim, cfg.dim, f.num_layers, f.num_heads, f.ffn_dim, f.dropout)
     decoder = Decoder(cfg.dim, list(cfg.decoder.channels), v.fpn_channels, cfg.dim, start_stride=f.level,
                       stem_channels=vision.stem_channels if cfg.decoder.stem_skip else None)
-    return RefSegModel(vision, text, fusion, decoder, f.level, config=cfg)
+    return vision, fusion, decoder
+
+
+def check_architecture(cfg: ModelConfig) -> None:
+    """Raise the ValueError that building ``cfg``'s vision encoder, fusion and decoder would raise
+    (fusion.level, dim vs heads, widths/blocks, decoder layout, weights' form), in well under a second
+    and without memory: the modules are made on the meta device, no weights are read. The text
+    encoder is left out (its checks need the hub); the training driver calls this before any Ray work
+    so such errors are one sentence instead of a worker traceback."""
+    with torch.device("meta"):
+        _build_image_side(cfg, pretrained=False)

@@ -104,6 +104,17 @@ def check_resources(cfg: Config, local: bool) -> None:
             )
 
 
+def check_model(cfg: Config) -> None:
+    """Model-layout errors (fusion.level, dim vs heads, decoder stages, ...) as one ConfigError sentence
+    from the driver, before any Ray work -- not as a traceback from every worker that builds the model."""
+    from refseg.models.refseg_model import check_architecture
+
+    try:
+        check_architecture(cfg.model)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
 def build_datasets(cfg: Config, world: int) -> tuple[dict, int]:
     """{"train": refs dataset, "val_<rank>": that rank's share of every val sentence}; train rows."""
     from refseg.data import build_dataset, count_refs
@@ -188,6 +199,7 @@ def make_trainer(
 
     t0 = time.time()
     check_precision(cfg.train.precision, cuda=cfg.train.use_gpu)  # fail before any Ray work
+    check_model(cfg)
     out = Path(output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg = absolutize(cfg)
