@@ -139,7 +139,7 @@ class TrainConfig:
     storage_path: str | None = None  # shared FS / s3:// for multi-node; null = ~/ray_results
     name: str | None = None
     max_failures: int = 0
-    val_every: int = 1  # epochs; 0 disables validation
+    val_every: int = 1  # epochs; 0 disables validation; checkpoint epochs are validated too (to rank them)
     keep_checkpoints: int = 2  # best K by val oIoU (the latest is always kept too)
     checkpoint_every: int = 1  # epochs
     log_every: int = 10  # steps

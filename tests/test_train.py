@@ -124,6 +124,23 @@ def test_fp16_on_cpu_is_a_clear_error(ray_session, synthetic_root, tmp_path):
         run_training(small_cfg(synthetic_root, "train.precision=fp16"), tmp_path / "fp16")
 
 
+def test_every_checkpoint_epoch_is_validated():
+    """Checkpoints are ranked by val_oiou, so an epoch that checkpoints also validates (val_every=4 with
+    checkpoint_every=2 used to report checkpoints without the score: Ray logged an error, ranked them -inf)."""
+    from refseg.config import TrainConfig
+    from refseg.train.loop import epoch_actions
+
+    def plan(**kw):
+        train = TrainConfig(epochs=9, **kw)
+        acts = [epoch_actions(e, train) for e in range(1, 10)]
+        return [e for e, (v, _) in enumerate(acts, 1) if v], [e for e, (_, c) in enumerate(acts, 1) if c]
+
+    assert plan(val_every=4, checkpoint_every=2) == ([2, 4, 6, 8, 9], [2, 4, 6, 8, 9])
+    assert plan(val_every=2, checkpoint_every=3) == ([2, 3, 4, 6, 8, 9], [3, 6, 9])
+    assert plan(val_every=0, checkpoint_every=2) == ([], [2, 4, 6, 8, 9])
+    assert plan(val_every=1, checkpoint_every=100) == (list(range(1, 10)), [9])
+
+
 def test_model_layout_error_is_one_sentence_from_the_driver(tmp_path, capsys):
     """A model the workers could not build fails in the driver before the output dir exists: one line."""
     from refseg.cli import main

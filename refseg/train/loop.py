@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from refseg.config import Config, config_from_dict
+from refseg.config import Config, TrainConfig, config_from_dict
 from refseg.data.cache import KeptBatches
 from refseg.losses import refseg_loss
 from refseg.metrics import SegMetrics
@@ -100,6 +100,16 @@ def to_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[to
 
 
 # ----------------------------------------------------------------------------- steps
+def epoch_actions(epoch: int, train: TrainConfig) -> tuple[bool, bool]:
+    """(validate, checkpoint) after 1-based ``epoch``: checkpoints every ``checkpoint_every`` epochs and
+    at the last; validation every ``val_every`` epochs, at the last, and at every checkpoint (its val_oiou
+    ranks it among the kept checkpoints), never with ``val_every=0``."""
+    last = epoch == train.epochs
+    checkpoint = epoch % max(1, train.checkpoint_every) == 0 or last
+    validate = bool(train.val_every) and (epoch % train.val_every == 0 or last or checkpoint)
+    return validate, checkpoint
+
+
 def train_epoch(engine, batches: Iterable[dict], cfg: Config, state: dict, ctx: dict) -> dict:
     """One pass over this worker's shard; returns loss/throughput stats for the epoch."""
     device, dtype = ctx["device"], ctx["dtype"]
@@ -291,7 +301,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         stats = train_epoch(engine, batches, cfg, state, ctx)
         metrics = {"epoch": epoch + 1, "step": state["global_step"], "lr": max(scheduler.get_last_lr()), **stats}
         last = epoch + 1 == cfg.train.epochs
-        if val_shard is not None and ((epoch + 1) % cfg.train.val_every == 0 or last):
+        validate_now, checkpoint = epoch_actions(epoch + 1, cfg.train)
+        if val_shard is not None and validate_now:
             metrics.update(validate(engine, val_batches, ctx))
         if "t0" in loop_config:  # wall seconds since the driver started this run (or this resume)
             metrics["elapsed_s"] = time.time() - loop_config["t0"]
@@ -301,7 +312,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             say(f"epoch {epoch + 1} done: {_brief(metrics)}")
         if last and loop_config.get("probe_path"):
             _write_probe(engine, cfg, ctx, loop_config["probe_path"])
-        if (epoch + 1) % max(1, cfg.train.checkpoint_every) == 0 or last:
+        if checkpoint:
             _checkpoint_and_report(engine, cfg, state, metrics, rank, local, loop_config)
         else:
             ray.train.report(metrics)
