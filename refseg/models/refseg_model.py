@@ -104,21 +104,26 @@ def build_model(cfg: str | ModelConfig, pretrained: bool = True) -> RefSegModel:
     """
     cfg = preset_config(cfg) if isinstance(cfg, str) else copy.deepcopy(cfg)
     t = cfg.text
-    vision, fusion, decoder = _build_image_side(cfg, pretrained)
+    vision = _build_vision(cfg, pretrained)  # vision, text, fusion, decoder: the order seeded inits depend on
     text = TextEncoder(build_bert(t.encoder, t.bert_config, pretrained), t.lstm_hidden, t.dim, t.freeze_encoder)
+    fusion, decoder = _build_fusion_decoder(cfg, vision)
     return RefSegModel(vision, text, fusion, decoder, cfg.fusion.level, config=cfg)
 
 
-def _build_image_side(cfg: ModelConfig, pretrained: bool) -> tuple[VisionEncoder, Fusion, Decoder]:
-    v, t, f = cfg.vision, cfg.text, cfg.fusion
+def _build_vision(cfg: ModelConfig, pretrained: bool) -> VisionEncoder:
+    v, f = cfg.vision, cfg.fusion
     if f.level not in (4, 8, 16, 32):
         raise ValueError(f"fusion.level must be one of 4, 8, 16, 32, got {f.level}.")
-    vision = VisionEncoder(v.backbone, v.weights, pretrained, v.widths, v.blocks, v.norm, v.fpn_channels,
-                           language_dim=t.dim if f.early else None)
-    fusion = Fusion(v.fpn_channels, t.dim, cfg.dim, f.num_layers, f.num_heads, f.ffn_dim, f.dropout)
+    return VisionEncoder(v.backbone, v.weights, pretrained, v.widths, v.blocks, v.norm, v.fpn_channels,
+                         language_dim=cfg.text.dim if f.early else None)
+
+
+def _build_fusion_decoder(cfg: ModelConfig, vision: VisionEncoder) -> tuple[Fusion, Decoder]:
+    v, f = cfg.vision, cfg.fusion
+    fusion = Fusion(v.fpn_channels, cfg.text.dim, cfg.dim, f.num_layers, f.num_heads, f.ffn_dim, f.dropout)
     decoder = Decoder(cfg.dim, list(cfg.decoder.channels), v.fpn_channels, cfg.dim, start_stride=f.level,
                       stem_channels=vision.stem_channels if cfg.decoder.stem_skip else None)
-    return vision, fusion, decoder
+    return fusion, decoder
 
 
 def check_architecture(cfg: ModelConfig) -> None:
@@ -128,4 +133,4 @@ def check_architecture(cfg: ModelConfig) -> None:
     encoder is left out (its checks need the hub); the training driver calls this before any Ray work
     so such errors are one sentence instead of a worker traceback."""
     with torch.device("meta"):
-        _build_image_side(cfg, pretrained=False)
+        _build_fusion_decoder(cfg, _build_vision(cfg, pretrained=False))
