@@ -7,8 +7,8 @@ one process (no Ray Train, no DeepSpeed) on batches decoded once.
     python bench/harness.py --shuffle                         # control: sentences of other samples
 
 First call: builds the debug config's synthetic set if needed and dumps 4 augmented passes over the
-train split plus the val split (every sentence) to ``--data`` (~430 MB for the debug config) through the
-real Ray Data pipeline (``build_dataset``); epoch ``e`` then trains on pass ``e % 4``. The schedule
+train split plus the val split (every sentence) to ``--data`` (~1.2 GB of float32 for the debug config)
+through the real Ray Data pipeline (``build_dataset``); epoch ``e`` then trains on pass ``e % 4``. The schedule
 anneals over ``--epochs`` (warmup 20 steps, poly 0.9), so a 10-epoch harness figure is not a
 10-epoch figure of a 40-epoch run. Seeded (``--seed``): two calls with the same arguments print the same
 numbers, so differences between configs are the change plus its different random init.
