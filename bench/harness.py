@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,13 +35,16 @@ PASSES = 4
 
 def dump(cfg, path: Path) -> None:
     """``PASSES`` augmented train passes + the val split, decoded by the real pipeline, to ``path``."""
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # read when ray.data is first imported
     import ray
 
+    from refseg import raylog
     from refseg.data import build_dataset, ensure_synthetic
 
     if cfg.data.synthetic:
         ensure_synthetic(cfg.data.root, cfg.data.synthetic_images, cfg.data.synthetic_seed)
     ray.init(address="local", num_cpus=2, include_dashboard=False)
+    raylog.quiet_data()
     try:
         def collect(ds) -> dict:
             rows = list(ds.iter_batches(batch_size=4096, batch_format="numpy"))
