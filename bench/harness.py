@@ -10,7 +10,7 @@ First call: builds the debug config's synthetic set if needed and dumps 4 augmen
 train split plus the val split (every sentence) to ``--data`` (~1.2 GB of float32 for the debug config)
 through the real Ray Data pipeline (``build_dataset``); epoch ``e`` then trains on pass ``e % 4``. The schedule
 anneals over ``--epochs`` (warmup 20 steps, poly 0.9), so a 10-epoch harness figure is not a
-10-epoch figure of a 40-epoch run. Screens only: the 4 fixed passes over-fit on long schedules (40
+10-epoch figure of a 40-epoch run. Screens only: the 4 fixed passes likely over-fit on long schedules (40
 epochs: train loss 0.08, val mIoU 0.783, where a real run with fresh augmentation every epoch reaches
 0.826 at train loss 0.10), so confirm any gain with ``bench/learning.py``. Seeded (``--seed``): two calls with the same arguments print the same
 numbers, so differences between configs are the change plus its different random init.
