@@ -71,7 +71,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("overrides", nargs="*", help="config overrides (key=value), as for refseg train")
     p.add_argument("--config", default=str(REPO / "configs" / "debug.yaml"))
-    p.add_argument("--data", default=str(REPO / "data" / "harness.npz"), help="dumped batches (made if missing)")
+    p.add_argument("--data", default=str(REPO / "data" / "harness.npz"), help="dumped batches: made if missing, reused as is (use a new path after changing data.* overrides)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--bs", type=int, default=32, help="batch size (32 = the debug config's 2 workers x 16)")
     p.add_argument("--lr", type=float, default=None, help="default: train.lr")
