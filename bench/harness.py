@@ -112,16 +112,14 @@ def main() -> None:
 
     def evaluate() -> dict:
         model.eval()
-        m, ious = SegMetrics(), []
+        m = SegMetrics()
         with torch.no_grad():
             for i in range(0, len(D["va_image"]), 64):
                 s = slice(i, i + 64)
                 logits = model(*(torch.from_numpy(D[f"va_{k}"][s]) for k in ("image", "input_ids", "attention_mask")))
-                pred, gt = (logits["logits"][:, 0] > 0).numpy(), D["va_mask"][s] > 0.5
-                m.update(pred, gt)
-                ious.extend((pred & gt).sum((1, 2)) / np.maximum((pred | gt).sum((1, 2)), 1))
+                m.update((logits["logits"][:, 0] > 0).numpy(), D["va_mask"][s] > 0.5)
         model.train()
-        r, iou = m.compute(), np.asarray(ious)
+        r, iou = m.compute(), m.ious()
         r["hit"] = float(iou[iou >= 0.5].mean()) if (iou >= 0.5).any() else 0.0
         return r
 
