@@ -107,6 +107,7 @@ class DataConfig:
     max_tokens: int = 20
     augment: bool = False
     hflip_prob: float = 0.5  # only with augment; left/right words are swapped with the image
+    min_scale: float = 0.85  # only with augment; zoom-out: the image shrinks by a factor in [min_scale, 1]
     shuffle_expressions: bool = False  # control run: pair every image with another ref's expression
     max_samples: int | None = None  # cap per split (quick runs)
     num_read_tasks: int | None = None  # Ray Data parallelism of the decode/transform stage

@@ -357,3 +357,32 @@ def test_kept_val_batches_replay_the_stream_without_running_it_again(ray_session
     streamed = KeptBatches(stream, limit_bytes=one_batch)  # only the first batch would fit
     assert [len(list(streamed)) for _ in range(2)] == [len(passes[0])] * 2
     assert runs["executions"] == 3
+
+
+def test_augmentation_settings_are_checked_and_reach_the_decoder(synthetic_root):
+    """data.min_scale / data.hflip_prob out of range: one sentence naming the key. In range they reach
+    decode_batch: min_scale=1 and hflip_prob=0 leave only the photometric change, so every mask equals
+    the unaugmented one."""
+    import pytest
+
+    from refseg.data.errors import RefSegDataError
+    from refseg.data.ray_data import decode_batch, sample_opts
+
+    with pytest.raises(RefSegDataError, match=r"data.min_scale must lie in \(0, 1\] .* got 1.5"):
+        sample_opts(data_cfg(synthetic_root, augment=True, min_scale=1.5), train=True)
+    with pytest.raises(RefSegDataError, match=r"data.hflip_prob must lie in \[0, 1\], got -0.1"):
+        sample_opts(data_cfg(synthetic_root, augment=True, hflip_prob=-0.1), train=True)
+    from refseg.data.ray_data import _refs_table, load_refs
+
+    table = _refs_table(load_refs(data_cfg(synthetic_root), "val")[:6])
+    batch = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+    tok = get_tokenizer(TEXT)
+
+    def masks(**kw) -> np.ndarray:
+        return decode_batch(batch, tok, sample_opts(data_cfg(synthetic_root, **kw), train=True))["mask"] > 0
+
+    plain, fixed = masks(), masks(augment=True, min_scale=1.0, hflip_prob=0.0)
+    np.testing.assert_array_equal(fixed, masks(augment=True, min_scale=1.0, hflip_prob=0.0))  # no random geometry
+    assert all((f & p).sum() / (f | p).sum() > 0.8 for f, p in zip(fixed, plain))  # same place (edges resampled)
+    zoomed = masks(augment=True, min_scale=0.5, hflip_prob=0.0)
+    assert (zoomed.sum(axis=(1, 2)) < plain.sum(axis=(1, 2))).sum() >= 4  # zoom in [0.5, 1]: smaller objects

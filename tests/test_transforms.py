@@ -18,6 +18,7 @@ from refseg.data.transforms import (
     preprocess,
     preprocess_with_meta,
     random_augment,
+    resize_to,
     swap_left_right,
     tokenize,
     unresize_logits,
@@ -253,6 +254,28 @@ def test_zoomed_out_mask_stays_on_the_object():
         ious.append((red & (m > 0)).sum() / (red | (m > 0)).sum())
     # nearest resampling of the mask: min 0.91, mean 0.988 on these 20 draws
     assert min(ious) > 0.95 and np.mean(ious) > 0.995, ious
+
+
+def test_augment_straight_to_model_geometry():
+    """out_size: zoom-out and resize in one resampling -- the output has that size, the mask covers the
+    object there, and without zoom or photometric change it is exactly a bilinear resize."""
+    rng = np.random.default_rng(3)
+    image = np.full((150, 190, 3), 200, np.uint8)
+    image[40:90, 30:110] = (40, 80, 225)
+    mask = np.zeros((150, 190), np.uint8)
+    mask[40:90, 30:110] = 1
+    plain, m, _ = random_augment(image, mask, "the blue one", rng, hflip_prob=0, brightness=0, contrast=0,
+                                 min_scale=1.0, out_size=(96, 96))
+    assert np.array_equal(plain, resize_to(image, 96, 96, Image.BILINEAR))
+    assert np.array_equal(m, resize_to(mask * 255, 96, 96, Image.BILINEAR) >= 128)
+    for _ in range(10):
+        im, m, _ = random_augment(image, mask, "the blue one", rng, hflip_prob=0.5, brightness=0, contrast=0,
+                                  min_scale=0.7, out_size=(96, 80))
+        assert im.shape == (96, 80, 3) and m.shape == (96, 80) and set(np.unique(m).tolist()) == {0, 1}
+        blue = im[..., 2].astype(int) - im[..., 0] >= 90  # at least half-way to the object colour
+        assert (blue & (m > 0)).sum() / (blue | (m > 0)).sum() > 0.95
+        area = mask.sum() * (96 / 150) * (80 / 190)  # the object's area at the output size
+        assert 0.7**2 * 0.9 * area <= m.sum() <= 1.05 * area  # zoomed out, never cropped
 
 
 # ----------------------------------------------------------------------------- text

@@ -322,10 +322,10 @@ def _empty(size: int, length: int) -> dict:
 def decode_batch(batch: dict, tokenizer: Any, opts: dict, tally: SkipTally | None = None) -> dict:
     """Ref rows -> samples: decode image + mask, augment (train), resize, tokenise; drop bad ones.
 
-    ``opts``: image_size, keep_aspect, max_tokens, train, augment, hflip_prob, override (ref_id ->
+    ``opts``: image_size, keep_aspect, max_tokens, train, augment, hflip_prob, min_scale, override (ref_id ->
     [(sent_id, sentence)] or None). Rows may also be cache rows (:func:`refseg.data.cache.cache_batch`).
     Returns the :data:`COLUMNS` as NumPy arrays."""
-    from refseg.data.transforms import preprocess, random_augment, tokenize
+    from refseg.data.transforms import preprocess, random_augment, resize_geometry, tokenize
 
     rng = np.random.default_rng()  # OS entropy: each epoch (each execution) draws anew
     cached = "pixels" in batch  # rows of the data.cache stage: decoded already (refseg.data.cache)
@@ -344,7 +344,9 @@ def decode_batch(batch: dict, tokenizer: Any, opts: dict, tally: SkipTally | Non
             skips.add(e.reason, e.detail, len(good))
             continue
         if opts["train"] and opts["augment"]:
-            image, mask, text = random_augment(image, mask, good[0][1], rng, hflip_prob=opts["hflip_prob"])
+            image, mask, text = random_augment(  # straight to the model's geometry: one resampling
+                image, mask, good[0][1], rng, hflip_prob=opts["hflip_prob"], min_scale=opts.get("min_scale", 0.85),
+                out_size=resize_geometry(orig_h, orig_w, size, opts["keep_aspect"]))
             good = [(good[0][0], text)]
         image, mask = preprocess(image, mask, size, opts["keep_aspect"], orig_size=(orig_h, orig_w))
         for sent_id, text in good:
@@ -580,8 +582,14 @@ def _map_batch_rows(image_size: int, train: bool = True, num_refs: int | None = 
 
 def sample_opts(data_cfg: DataConfig, train: bool, override: dict | None = None) -> dict:
     """The ``opts`` of :func:`decode_batch` for ``data_cfg``."""
+    if not 0.0 < data_cfg.min_scale <= 1.0:
+        raise RefSegDataError(f"data.min_scale must lie in (0, 1] (the zoom-out draws a scale in [min_scale, 1]), "
+                              f"got {data_cfg.min_scale}; 1 turns the zoom-out off")
+    if not 0.0 <= data_cfg.hflip_prob <= 1.0:
+        raise RefSegDataError(f"data.hflip_prob must lie in [0, 1], got {data_cfg.hflip_prob}")
     return {"image_size": data_cfg.image_size, "keep_aspect": data_cfg.keep_aspect, "max_tokens": data_cfg.max_tokens,
-            "train": train, "augment": data_cfg.augment, "hflip_prob": data_cfg.hflip_prob, "override": override}
+            "train": train, "augment": data_cfg.augment, "hflip_prob": data_cfg.hflip_prob, "min_scale": data_cfg.min_scale,
+            "override": override}
 
 
 def build_dataset(

@@ -156,8 +156,10 @@ def resize_geometry(orig_h: int, orig_w: int, size: int, keep_aspect: bool) -> t
 
 def resize_to(a: np.ndarray, h: int, w: int, resample: int) -> np.ndarray:
     """uint8 (H, W[, C]) -> (h, w[, C]) with PIL's ``resample``; unchanged when already that size."""
+    if a.shape[:2] == (h, w) and a.dtype == np.uint8:
+        return a
     img = Image.fromarray(np.ascontiguousarray(a, dtype=np.uint8))
-    return np.asarray(img if img.size == (w, h) else img.resize((w, h), resample))
+    return np.asarray(img.resize((w, h), resample))
 
 
 def preprocess_with_meta(image: np.ndarray, mask: np.ndarray | None, size: int, keep_aspect: bool,
@@ -252,7 +254,8 @@ def hflip_sample(image: np.ndarray, mask: np.ndarray | None, sentence: str
 
 def random_augment(image: np.ndarray, mask: np.ndarray | None, sentence: str, rng: np.random.Generator,
                    hflip_prob: float = 0.5, brightness: float = 0.2, contrast: float = 0.2,
-                   min_scale: float = 0.85) -> tuple[np.ndarray, np.ndarray | None, str]:
+                   min_scale: float = 0.85, out_size: tuple[int, int] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray | None, str]:
     """Augmentations that never contradict the expression.
 
     - horizontal flip with probability ``hflip_prob`` (left/right words swapped);
@@ -261,6 +264,11 @@ def random_augment(image: np.ndarray, mask: np.ndarray | None, sentence: str, rn
     - zoom-out: the whole image shrinks by a factor in [min_scale, 1] onto a mean-grey canvas of the
       original size at a random offset. Nothing is cropped, so every object and the relative
       positions ("leftmost", "bigger") survive.
+
+    ``out_size`` (h, w): return image and mask at that size instead (the model's geometry, see
+    :func:`resize_geometry`): the zoom-out and the resize are then ONE resampling of the original
+    pixels (with the image's bilinear filter for the mask, thresholded at 1/2) -- half the work of
+    augmenting first and resizing after, and object edges are resampled once instead of twice.
     Returns uint8 image (H, W, 3), uint8 mask (H, W) or None, sentence."""
     if rng.random() < hflip_prob:
         image, mask, sentence = hflip_sample(image, mask, sentence)
@@ -272,28 +280,32 @@ def random_augment(image: np.ndarray, mask: np.ndarray | None, sentence: str, rn
         x = (x - grey) * np.float32(rng.uniform(1 - contrast, 1 + contrast)) + grey
     if brightness > 0:
         x = x * np.float32(rng.uniform(1 - brightness, 1 + brightness))
-    image = np.clip(np.rint(x), 0, 255).astype(np.uint8)[image]
+    lut = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    h, w = image.shape[:2]
+    nh, nw, oy, ox = h, w, 0, 0
     if min_scale < 1.0:
         s = rng.uniform(min_scale, 1.0)
-        h, w = image.shape[:2]
         nh, nw = max(1, round(h * s)), max(1, round(w * s))
         if (nh, nw) != (h, w):
             oy, ox = int(rng.integers(0, h - nh + 1)), int(rng.integers(0, w - nw + 1))
-            canvas = np.empty_like(image)
-            canvas[:] = np.rint(IMAGENET_MEAN * 255).astype(np.uint8)
-            small = Image.fromarray(image).resize((nw, nh), Image.BILINEAR)
-            canvas[oy:oy + nh, ox:ox + nw] = np.asarray(small)
-            image = canvas
-            if mask is not None:
-                m = np.zeros_like(mask, dtype=np.uint8)
-                # the same bilinear filter as the image, thresholded at 1/2: the mask stays on the object
-                # (nearest drops or doubles whole rows/columns -- 1 px of a 10-px object)
-                # (on 0/255 bytes: the same filter as on 0/1 floats at a quarter of the memory traffic)
-                small_m = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8) * np.uint8(255)).resize(
-                    (nw, nh), Image.BILINEAR)
-                m[oy:oy + nh, ox:ox + nw] = np.asarray(small_m) >= 128
-                mask = m
-    return image, mask, sentence
+    out_h, out_w = out_size if out_size is not None else (h, w)
+    if (nh, nw, out_h, out_w) == (h, w, h, w):  # no zoom, no resize
+        return lut[image], mask, sentence
+    fy, fx = out_h / h, out_w / w  # the zoomed-out content's place in output pixels
+    y0, x0 = min(round(oy * fy), out_h - 1), min(round(ox * fx), out_w - 1)
+    th, tw = min(max(1, round(nh * fy)), out_h - y0), min(max(1, round(nw * fx)), out_w - x0)
+    canvas = np.empty((out_h, out_w, 3), np.uint8)
+    canvas[:] = np.rint(IMAGENET_MEAN * 255).astype(np.uint8)
+    canvas[y0:y0 + th, x0:x0 + tw] = lut[resize_to(image, th, tw, Image.BILINEAR)]
+    if mask is not None:
+        m = np.zeros((out_h, out_w), np.uint8)
+        # the same bilinear filter as the image, thresholded at 1/2: the mask stays on the object
+        # (nearest drops or doubles whole rows/columns -- 1 px of a 10-px object)
+        # (on 0/255 bytes: the same filter as on 0/1 floats at a quarter of the memory traffic)
+        m[y0:y0 + th, x0:x0 + tw] = resize_to(np.ascontiguousarray(mask, dtype=np.uint8) * np.uint8(255),
+                                              th, tw, Image.BILINEAR) >= 128
+        mask = m
+    return canvas, mask, sentence
 
 
 # ----------------------------------------------------------------------------- text
