@@ -66,3 +66,32 @@ def test_offline_rebuild_and_export_of_a_hub_style_encoder(offline, tmp_path) ->
     assert loaded.config.text.encoder == "/nonexistent/minilm"
     w = "embeddings.word_embeddings.weight"
     assert torch.equal(loaded.text.bert.state_dict()[w], model.text.bert.state_dict()[w])
+
+
+def test_text_sources_that_cannot_load_offline_are_one_sentence(offline, monkeypatch, tmp_path):
+    """Offline, a hub name is fine when it is in the local HF cache and refused in one sentence when not
+    (the driver turns this into `refseg: error: ...` before Ray starts); local dirs and the tiny preset's
+    built-in vocab never need the hub."""
+    from huggingface_hub import constants
+
+    from refseg.config import TextConfig
+    from refseg.models.text import check_text_sources
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    check_text_sources(preset_config("tiny").text)
+    check_text_sources(_minilm_config().text)
+    with pytest.raises(ValueError, match=r"^model.text.encoder='org/bert-x': its pretrained weights are not in the "
+                                         r"local Hugging Face cache \(.*\) and HF_HUB_OFFLINE is set; .*huggingface-cli"):
+        check_text_sources(TextConfig(encoder="org/bert-x"))
+    snap = tmp_path / "models--org--bert-x" / "snapshots" / "c0ffee"
+    snap.mkdir(parents=True)
+    (tmp_path / "models--org--bert-x" / "refs").mkdir()
+    (tmp_path / "models--org--bert-x" / "refs" / "main").write_text("c0ffee")
+    for name in ("config.json", "vocab.txt"):
+        (snap / name).write_text("{}")
+    with pytest.raises(ValueError, match="its pretrained weights"):  # config + vocab cached, weights not
+        check_text_sources(TextConfig(encoder="org/bert-x"))
+    (snap / "model.safetensors").write_bytes(b"")
+    check_text_sources(TextConfig(encoder="org/bert-x"))  # all cached: no hub needed
+    with pytest.raises(ValueError, match=r"^model.text.tokenizer='org/tok': its tokenizer files are not"):
+        check_text_sources(TextConfig(encoder="org/bert-x", tokenizer="org/tok"))

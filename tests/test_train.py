@@ -154,6 +154,24 @@ def test_model_layout_error_is_one_sentence_from_the_driver(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_uncached_pretrained_text_encoder_offline_is_one_sentence(tmp_path, capsys, monkeypatch):
+    """configs/refcoco_r101.yaml on an air-gapped machine without bert-base-uncased cached: one line from
+    the driver in seconds, no output dir -- not a minute of download retries in the driver and every worker."""
+    from huggingface_hub import constants
+
+    from refseg.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    out = tmp_path / "run"
+    rc = main(["train", "--config", str(REPO / "configs" / "refcoco_r101.yaml"), "--output-dir", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("refseg: error: model.text.encoder='bert-base-uncased': its pretrained weights are not "
+                          "in the local Hugging Face cache") and "HF_HUB_OFFLINE is set" in err
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_local_mode_cli_single_process(synthetic_root, tmp_path):
     """`refseg train --local`: the loop runs in the driver process (a subprocess here, own Ray)."""

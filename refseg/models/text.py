@@ -9,7 +9,9 @@ features of real tokens and the sentence feature unchanged.
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,68 @@ def load_tokenizer(text_cfg: TextConfig | str) -> Any:
             f"could not load tokenizer '{source}' ({type(e).__name__}); pass a local directory or a hub "
             "name that is reachable or already cached."
         ) from None
+
+
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Does a TCP connection to the Hugging Face endpoint ($HF_ENDPOINT) open within ``timeout`` seconds?
+    False when HF_HUB_OFFLINE is set."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if _hub_offline():
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _in_hub_cache(name: str, files: tuple[str, ...]) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return any(isinstance(try_to_load_from_cache(name, f), str) for f in files)
+    except ValueError:  # not a valid repo id (e.g. a path that does not exist)
+        return False
+
+
+def check_text_sources(text_cfg: TextConfig) -> None:
+    """Raise a one-sentence ValueError when the tokenizer or the pretrained encoder of ``text_cfg`` is
+    a hub name that is neither a local directory nor in the local Hugging Face cache while the hub
+    cannot be reached (air-gapped machine, HF_HUB_OFFLINE=1). Without this check the driver and every
+    worker retry the download for about a minute each before failing."""
+    from huggingface_hub import constants
+
+    missing = []
+    tok = text_cfg.tokenizer or text_cfg.encoder
+    if tok != TINY_TOKENIZER and not tok.endswith(".txt") and not Path(tok).is_dir() \
+            and not _in_hub_cache(tok, _TOKENIZER_FILES):
+        missing.append(("model.text.tokenizer" if text_cfg.tokenizer else "model.text.encoder", tok, "tokenizer files"))
+    enc = text_cfg.encoder
+    if text_cfg.bert_config is None and not Path(enc).is_dir() and not (
+            _in_hub_cache(enc, ("config.json",)) and _in_hub_cache(enc, _WEIGHTS)):
+        missing.append(("model.text.encoder", enc, "pretrained weights"))
+    if not missing or hub_reachable():
+        return
+    key, name, what = missing[-1]
+    why = "HF_HUB_OFFLINE is set" if _hub_offline() else f"{constants.ENDPOINT} cannot be reached from this machine"
+    raise ValueError(
+        f"{key}='{name}': its {what} are not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+        f"{why}; download it where there is network (huggingface-cli download {name}) and copy the cache "
+        f"here, or set {key} to a local directory holding it")
 
 
 def offline_bert_config(encoder: str) -> Any:

@@ -105,14 +105,20 @@ def check_resources(cfg: Config, local: bool) -> None:
 
 
 def check_model(cfg: Config) -> None:
-    """Model-layout errors (fusion.level, dim vs heads, decoder stages, ...) as one ConfigError sentence
-    from the driver, before any Ray work -- not as a traceback from every worker that builds the model."""
+    """Model-layout errors (fusion.level, dim vs heads, decoder stages, ...) and a tokenizer / pretrained
+    text encoder that is neither local, cached nor downloadable as one ConfigError sentence from the
+    driver, before any Ray work -- not as a traceback (or minutes of download retries) from every worker."""
     from refseg.models.refseg_model import check_architecture
+    from refseg.models.text import check_text_sources
 
     try:
         check_architecture(cfg.model)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
+    try:
+        check_text_sources(cfg.model.text)  # the tokenizer / pretrained BERT: local, cached or reachable
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def build_datasets(cfg: Config, world: int) -> tuple[dict, int]:
