@@ -332,6 +332,15 @@ def test_save_load_round_trip(tmp_path, tokenizer) -> None:
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="could not be read"):
         load_model(tmp_path / "bad.pt")
+    # a file whose weights no longer fit the layout its config builds (an older refseg's model.pt): one sentence
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"]["vision.body.stem.0.weight"] = torch.zeros(8, 3, 3, 3)
+    payload.pop("refseg_version")
+    torch.save(payload, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"model file '.*old.pt' \(written by an older refseg\) does not match the "
+                                         r"model this refseg builds from its config \(size mismatch for "
+                                         r"vision.body.stem.0.weight.*\); load it with the refseg version"):
+        load_model(tmp_path / "old.pt")
 
 
 def test_lazy_exports_resolve() -> None:

@@ -35,7 +35,10 @@ def save_model(path: str | Path, model: RefSegModel, config: dict) -> Path:
     state = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
              for k, v in model.state_dict().items()}
     bert_config = getattr(model.text.bert, "config", None)
+    from refseg import __version__
+
     payload = {
+        "refseg_version": __version__,  # named in load errors: which code wrote this file
         "config": config,
         "model_config": dataclasses.asdict(model.config),
         "encoder_config": bert_config.to_dict() if bert_config is not None else None,
@@ -67,7 +70,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Re
     if build_cfg.text.bert_config is None and payload.get("encoder_config"):
         build_cfg.text.bert_config = _bert_kwargs(payload["encoder_config"])
     model = build_model(build_cfg, pretrained=False)
-    model.load_state_dict(payload["state_dict"], strict=True)
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as e:  # a layout this code no longer builds from that config: one sentence
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        written = f"refseg {payload['refseg_version']}" if payload.get("refseg_version") else "an older refseg"
+        raise ValueError(f"model file '{path}' (written by {written}) does not match the model this refseg "
+                         f"builds from its config ({first.rstrip('.')}); load it with the refseg version that "
+                         "wrote it, or retrain") from None
     model.config = model_cfg
     return model.to(device).eval(), payload.get("config") or {}
 
