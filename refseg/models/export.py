@@ -28,6 +28,8 @@ def model_config_from_dict(d: dict) -> ModelConfig:
 
 def save_model(path: str | Path, model: RefSegModel, config: dict) -> Path:
     """Write the model (fp32 state dict + its ModelConfig + ``config``) atomically (tmp + os.replace)."""
+    from refseg import __version__
+
     if model.config is None:
         raise ValueError("save_model needs a model built by build_model (model.config is None).")
     path = Path(path)
@@ -35,8 +37,6 @@ def save_model(path: str | Path, model: RefSegModel, config: dict) -> Path:
     state = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
              for k, v in model.state_dict().items()}
     bert_config = getattr(model.text.bert, "config", None)
-    from refseg import __version__
-
     payload = {
         "refseg_version": __version__,  # named in load errors: which code wrote this file
         "config": config,
