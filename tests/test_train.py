@@ -154,6 +154,17 @@ def test_model_layout_error_is_one_sentence_from_the_driver(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_bad_augmentation_setting_is_one_sentence_before_ray(tmp_path, capsys):
+    from refseg.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["train", "--config", str(REPO / "configs" / "debug.yaml"), "--output-dir", str(out), "data.min_scale=0"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == ("refseg: error: data.min_scale must lie in (0, 1] (the zoom-out draws a scale in "
+                               "[min_scale, 1]), got 0.0; 1 turns the zoom-out off")
+    assert not out.exists()
+
+
 def test_uncached_pretrained_text_encoder_offline_is_one_sentence(tmp_path, capsys, monkeypatch):
     """configs/refcoco_r101.yaml on an air-gapped machine without bert-base-uncased cached: one line from
     the driver in seconds, no output dir -- not a minute of download retries in the driver and every worker."""

@@ -121,6 +121,18 @@ def check_model(cfg: Config) -> None:
         raise ConfigError(str(e)) from None
 
 
+def check_augmentation(cfg: Config) -> None:
+    """data.min_scale / data.hflip_prob out of range as one sentence before Ray starts (the data
+    pipeline raises the same sentence, but only after Ray and the output dir exist)."""
+    from refseg.data.errors import RefSegDataError
+    from refseg.data.ray_data import sample_opts
+
+    try:
+        sample_opts(cfg.data, train=True)
+    except RefSegDataError as e:
+        raise ConfigError(str(e)) from None
+
+
 def build_datasets(cfg: Config, world: int) -> tuple[dict, int]:
     """{"train": refs dataset, "val_<rank>": that rank's share of every val sentence}; train rows."""
     from refseg.data import build_dataset, count_refs
@@ -206,6 +218,7 @@ def make_trainer(
     t0 = time.time()
     check_precision(cfg.train.precision, cuda=cfg.train.use_gpu)  # fail before any Ray work
     check_model(cfg)
+    check_augmentation(cfg)
     out = Path(output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg = absolutize(cfg)
