@@ -85,13 +85,11 @@ _OPTS: dict = {}
 def fresh_rows(cfg, split: str, train: bool) -> tuple[dict, dict]:
     """The cache rows of ``split`` (decoded once, original pixels for augmented training) and their opts."""
     from refseg.data.cache import cache_batch
-    from refseg.data.ray_data import _refs_table, _shuffled_texts, load_refs, sample_opts
+    from refseg.data.ray_data import _cap, _refs_table, load_refs, sample_opts, shuffle_ref_texts
 
-    refs = load_refs(cfg.data, split)
+    refs = _cap(load_refs(cfg.data, split), cfg.data.max_samples, train)  # as build_dataset does
     if train and cfg.data.shuffle_expressions:  # as build_dataset does (seed 0)
-        new = _shuffled_texts({int(r["ref_id"]): list(zip(r["sent_ids"], r["sentences"])) for r in refs}, 0)
-        refs = [{**r, "sent_ids": [s for s, _ in new[r["ref_id"]]], "sentences": [t for _, t in new[r["ref_id"]]]}
-                for r in refs]
+        refs = shuffle_ref_texts(refs, 0)
     table = _refs_table(refs)
     opts = sample_opts(cfg.data, train)
     return cache_batch({c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}, opts), opts
@@ -250,6 +248,7 @@ def main() -> None:
         print(msg, flush=True)
     if a.save:
         torch.save(model.state_dict(), a.save)
+
 
 if __name__ == "__main__":
     main()

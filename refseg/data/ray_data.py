@@ -416,6 +416,13 @@ def _shuffled_texts(texts: dict[int, list], seed: int) -> dict[int, list]:
     return {ids[i]: texts[ids[int(perm[i])]] for i in range(len(ids))}
 
 
+def shuffle_ref_texts(refs: list[dict], seed: int) -> list[dict]:
+    """The refs with every ref's sentences replaced by another ref's (data.shuffle_expressions)."""
+    new = _shuffled_texts({int(r["ref_id"]): list(zip(r["sent_ids"], r["sentences"])) for r in refs}, seed)
+    return [{**r, "sent_ids": [s for s, _ in new[r["ref_id"]]], "sentences": [t for _, t in new[r["ref_id"]]]}
+            for r in refs]
+
+
 def _cap(refs: list[dict], max_samples: int | None, train: bool) -> list[dict]:
     """At most ``max_samples`` samples: refs for training, sentences for evaluation."""
     if max_samples is None:
@@ -654,10 +661,7 @@ def build_dataset(
                                   + (f" ({report.summary()})" if report is not None else ""))
         refs = _cap(refs, data_cfg.max_samples, train)  # file order: the same samples every run
         if data_cfg.shuffle_expressions:
-            texts = {int(r["ref_id"]): list(zip(r["sent_ids"], r["sentences"])) for r in refs}
-            new = _shuffled_texts(texts, seed)
-            refs = [{**r, "sent_ids": [s for s, _ in new[r["ref_id"]]],
-                     "sentences": [t for _, t in new[r["ref_id"]]]} for r in refs]
+            refs = shuffle_ref_texts(refs, seed)
         if shard is not None:
             refs = [r for r in refs if int(r["ref_id"]) % shard[1] == shard[0]]  # may leave none
         if train:  # mix refs across blocks once; block order is re-drawn every epoch below
