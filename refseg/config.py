@@ -120,7 +120,10 @@ class DataConfig:
 # ----------------------------------------------------------------------------- train
 @dataclass
 class TrainConfig:
-    epochs: int = 40
+    epochs: int = 40  # with time_budget_s: the most
+    # wall seconds for the run, counted from `refseg train`'s start: after 3 timed epochs the epoch count is
+    # fitted to what is left (at most `epochs`) and the LR schedule re-aimed to end there; null = off
+    time_budget_s: float | None = None
     batch_size: int = 16  # per worker
     lr: float = 1e-4  # fusion / decoder / FPN / LSTM
     encoder_lr_mult: float = 0.1  # pretrained ResNet and BERT get lr * this
@@ -222,7 +225,7 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
                 return _check_type(value, arg, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise errors[0] if len(errors) == 1 else ConfigError(f"config key '{key}': {value!r} has the wrong type")
+        raise ConfigError(errors[0]) if len(errors) == 1 else ConfigError(f"config key '{key}': {value!r} has the wrong type")
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' expects a list, got {value!r}")

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from refseg.config import Config, ConfigError, config_from_dict, load_config, parse_override
 from refseg.train.ds_config import build_deepspeed_config, lr_lambda
@@ -43,6 +44,10 @@ def test_wrong_type_names_key():
         load_config(None, ["data.augment=3"])
     with pytest.raises(ConfigError, match="section.key=value"):
         parse_override("train.lr")
+    # optional keys (float | None) name the key too -- this once raised "exceptions must derive from BaseException"
+    with pytest.raises(ConfigError, match=r"'train.time_budget_s' expects a number, got 'soon'"):
+        load_config(None, ["train.time_budget_s=soon"])
+    assert load_config(None, ["train.time_budget_s=null"]).train.time_budget_s is None
 
 
 def test_missing_config_file_is_one_sentence(tmp_path):
@@ -81,6 +86,31 @@ def test_deepspeed_config(tmp_path):
     cfg.deepspeed.zero_stage = 2
     with pytest.raises(ConfigError, match="sets ZeRO stage 3"):
         build_deepspeed_config(cfg.train, cfg.deepspeed, cuda=False)
+
+
+def test_lr_schedule_end_moves_and_a_checkpoint_keeps_it(tmp_path):
+    """train.time_budget_s re-aims the schedule mid-run: LambdaLR's state (what DeepSpeed checkpoints) must
+    carry the new last step, as plain data."""
+    from refseg.train.loop import set_schedule_total
+
+    def scheduler(total: int):
+        opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, 2, 0.9))
+
+    a = scheduler(100)
+    for _ in range(10):
+        a.optimizer.step()
+        a.step()
+    set_schedule_total(a, 20)
+    assert a.get_last_lr()[0] == pytest.approx((1 - 8 / 98) ** 0.9)  # the current step keeps its LR
+    assert a.lr_lambdas[0](11) == pytest.approx((1 - 9 / 18) ** 0.9) and a.lr_lambdas[0](20) == 0.0
+    torch.save(a.state_dict(), tmp_path / "sched.pt")
+    b = scheduler(100)
+    b.load_state_dict(torch.load(tmp_path / "sched.pt", weights_only=True))
+    assert b.last_epoch == 10 and b.lr_lambdas[0].total_steps == 20
+    b.optimizer.step()
+    b.step()
+    assert b.get_last_lr()[0] == pytest.approx((1 - 9 / 18) ** 0.9)
 
 
 def test_lr_schedule_warmup_then_poly():

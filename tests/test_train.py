@@ -109,6 +109,57 @@ def test_resume_after_stop_continues_step_and_schedule(ray_session, synthetic_ro
     assert summary["steps"] == 12
 
 
+@pytest.mark.slow
+def test_time_budget_fits_the_epochs_and_a_resume_keeps_them(synthetic_root, tmp_path):
+    """train.time_budget_s: after 3 timed epochs the count is fitted (this budget is spent already: one more
+    epoch) and the LR schedule ends at the new last step; a run that dies after the fit resumes with the
+    fitted count and schedule from its checkpoint (not train.epochs, not a second fit, which would add 3
+    more timed epochs). Local mode: its checkpoints are written before the next step, so which one a
+    resume starts from does not depend on when Ray registered it."""
+    out = tmp_path / "budget"
+    args = [sys.executable, "-m", "refseg.cli", "train", "--config", str(REPO / "configs" / "debug.yaml"),
+            "--output-dir", str(out), "--local", f"data.root={synthetic_root}", "data.synthetic=false",
+            "data.image_size=64", "data.augment=false", "train.batch_size=4", "train.max_steps_per_epoch=4",
+            "train.val_every=0", "train.checkpoint_every=1", "train.warmup_steps=2",
+            "train.epochs=40", "train.time_budget_s=1", "train.fail_at_step=18"]  # step 18: in epoch 5
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    first = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert first.returncode != 0 and (out / ".fail_injected").read_text() == "18", first.stderr[-3000:]
+    assert "-> 5 epochs" in first.stdout + first.stderr  # the fit, announced once
+    second = subprocess.run([*args, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600, check=False)
+    assert second.returncode == 0, second.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    hist = history(out)
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4, 5]
+    assert summary["epochs"] == 5 and summary["steps"] == 20
+    f = lr_lambda(160, 2, 0.9)  # the schedule of train.epochs=40 until the fit
+    for h in hist[:4]:
+        assert h["lr"] == pytest.approx(2e-3 * f(h["step"]), rel=1e-6)
+    assert hist[4]["lr"] == 0.0  # re-aimed at step 20 and restored by the resume
+
+
+def test_fit_epochs_to_the_time_left():
+    from refseg.train.loop import fit_epochs
+
+    assert fit_epochs(4, 10.0, 815.0, 150) == 85  # 81 more 10-second epochs fit into 815 s
+    assert fit_epochs(4, 10.0, 5.0, 150) == 5  # spent: one more epoch (the last validates and checkpoints)
+    assert fit_epochs(4, 10.0, -30.0, 150) == 5
+    assert fit_epochs(4, 1.0, 1e6, 150) == 150 and fit_epochs(4, 10.0, math.inf, 150) == 150  # at most epochs
+
+
+def test_bad_time_budget_is_one_sentence_before_ray(tmp_path, capsys):
+    from refseg.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["train", "--config", str(REPO / "configs" / "debug.yaml"), "--output-dir", str(out),
+               "train.time_budget_s=0"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == ("refseg: error: train.time_budget_s must be a positive number of seconds "
+                               "(or null for no budget), got 0.0")
+    assert not out.exists()
+
+
 def test_resource_check_refuses_a_config_that_would_hang(ray_session, synthetic_root, tmp_path):
     from refseg.train import run_training
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -121,6 +122,16 @@ def check_model(cfg: Config) -> None:
         raise ConfigError(str(e)) from None
 
 
+def check_schedule(cfg: Config) -> None:
+    """train.epochs / train.time_budget_s that cannot make a schedule, as one sentence before Ray starts."""
+    if cfg.train.epochs < 1:
+        raise ConfigError(f"train.epochs must be at least 1, got {cfg.train.epochs}")
+    budget = cfg.train.time_budget_s
+    if budget is not None and not (budget > 0 and math.isfinite(budget)):
+        raise ConfigError(f"train.time_budget_s must be a positive number of seconds (or null for no budget), "
+                          f"got {budget}")
+
+
 def check_augmentation(cfg: Config) -> None:
     """data.min_scale / data.hflip_prob out of range as one sentence before Ray starts (the data
     pipeline raises the same sentence, but only after Ray and the output dir exist)."""
@@ -218,6 +229,7 @@ def make_trainer(
     t0 = time.time()
     check_precision(cfg.train.precision, cuda=cfg.train.use_gpu)  # fail before any Ray work
     check_model(cfg)
+    check_schedule(cfg)
     check_augmentation(cfg)
     out = Path(output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 from refseg.config import ConfigError, DeepSpeedConfig, TrainConfig
@@ -87,15 +86,28 @@ def build_deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, cuda: bool) 
     return _deep_merge(config, ds.extra)
 
 
-def lr_lambda(total_steps: int, warmup_steps: int, power: float) -> Callable[[int], float]:
-    """Linear warmup then polynomial decay (LAVT: power 0.9 per iteration), as an LR multiplier."""
-    total_steps = max(1, int(total_steps))
-    warmup_steps = max(0, min(int(warmup_steps), total_steps - 1))
+class PolySchedule:
+    """Linear warmup then polynomial decay (LAVT: power 0.9 per iteration), as an LR multiplier.
 
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return max(0.0, 1.0 - min(progress, 1.0)) ** power
+    A callable object rather than a closure: ``LambdaLR.state_dict`` saves an object's attributes, so a
+    checkpoint keeps ``total_steps`` when ``train.time_budget_s`` re-fits it mid-run (``set_total``)."""
 
-    return factor
+    def __init__(self, total_steps: int, warmup_steps: int, power: float) -> None:
+        self.warmup_steps = max(0, int(warmup_steps))
+        self.power = float(power)
+        self.set_total(total_steps)
+
+    def set_total(self, total_steps: int) -> None:
+        self.total_steps = max(1, int(total_steps))
+
+    def __call__(self, step: int) -> float:
+        warmup = min(self.warmup_steps, self.total_steps - 1)
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.total_steps - warmup)
+        return max(0.0, 1.0 - min(progress, 1.0)) ** self.power
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, power: float) -> PolySchedule:
+    """The LR multiplier of ``LambdaLR`` for this run: see :class:`PolySchedule`."""
+    return PolySchedule(total_steps, warmup_steps, power)

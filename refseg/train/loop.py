@@ -6,6 +6,7 @@ validate, save + report a checkpoint, restore. The driver (``driver.py``) owns R
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -31,6 +32,9 @@ from refseg.train.report import CKPT_TAG, STATE_FILE
 
 log = logging.getLogger("refseg.train")
 VAL_KEEP_BYTES = 2**29  # decoded val batches a worker keeps in memory to replay (larger val shards stream)
+BUDGET_TIMED_EPOCHS = 3  # train.time_budget_s: epochs timed in this process (after its first) before fitting
+BUDGET_WINDOW = 8  # epochs whose mean time a re-fit uses (the latest; start-up effects drop out)
+BUDGET_MARGIN = 0.03  # share of train.time_budget_s kept free for the export after the last epoch
 
 
 def say(message: str) -> None:
@@ -252,6 +256,52 @@ def _progress(cfg: Config, state: dict, ctx: dict, micro: int, losses: list, sam
     )
 
 
+# ----------------------------------------------------------------------------- time budget
+def fit_epochs(done: int, per_epoch_s: float, left_s: float, most: int) -> int:
+    """The run's epoch count when ``done`` epochs are finished, each further one takes ``per_epoch_s``
+    (validation and checkpoints included) and ``left_s`` seconds of the budget remain: at least one more
+    (the last epoch validates, checkpoints and ends the schedule), at most ``most`` (train.epochs)."""
+    more = min(float(most), max(0.0, left_s) // per_epoch_s) if per_epoch_s > 0 else most
+    return max(done + 1, min(most, done + int(more)))
+
+
+def with_epochs(cfg: Config, epochs: int) -> Config:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=int(epochs)))
+
+
+def fit_to_budget(cfg: Config, state: dict, walls: list[float], t0: float, scheduler, ctx: dict) -> Config:
+    """train.time_budget_s: fit the epoch count to the wall time left (every rank agrees on the smallest
+    count), re-aim the LR schedule at the new last step and remember the count in the run state.
+
+    First called after ``BUDGET_TIMED_EPOCHS`` timed epochs, then again at every checkpoint epoch with the
+    mean of the latest ``BUDGET_WINDOW`` epochs, so the count follows the machine's real pace (the first
+    epochs are slower: the first validation decodes the val split)."""
+    budget = float(cfg.train.time_budget_s)
+    recent = walls[-(BUDGET_WINDOW + 1):]
+    per_epoch = (recent[-1] - recent[0]) / (len(recent) - 1)
+    elapsed = time.time() - t0
+    most = int(ctx.get("most_epochs", cfg.train.epochs))  # train.epochs as configured
+    n = fit_epochs(state["epoch"], per_epoch, budget * (1 - BUDGET_MARGIN) - elapsed, most)
+    if _dist_ready() and torch.distributed.get_world_size() > 1:
+        t = torch.tensor([n], dtype=torch.int64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        n = int(t.item())
+    before = state.get("epochs")
+    state["epochs"] = n
+    set_schedule_total(scheduler, n * ctx["steps_per_epoch"])
+    if ctx["rank"] == 0 and n != before:
+        say(f"time budget {budget:.0f} s: {elapsed:.0f} s used, {per_epoch:.1f} s per epoch -> {n} epochs "
+            f"(train.epochs={most} at most); the LR schedule now ends at step {n * ctx['steps_per_epoch']}")
+    return with_epochs(cfg, n)
+
+
+def set_schedule_total(scheduler, total_steps: int) -> None:
+    """Point every LambdaLR multiplier (ds_config.PolySchedule) at ``total_steps``."""
+    for fn in getattr(scheduler, "lr_lambdas", []):
+        if hasattr(fn, "set_total"):
+            fn.set_total(total_steps)
+
+
 # ----------------------------------------------------------------------------- the loop
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point. ``loop_config`` = {config, output_dir, steps_per_epoch, local}."""
@@ -280,8 +330,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state = load_checkpoint(engine, Path(d))
     elif loop_config.get("resume_from"):
         state = load_checkpoint(engine, Path(loop_config["resume_from"]))
+    budget = cfg.train.time_budget_s
+    ctx["most_epochs"] = cfg.train.epochs
+    if budget and state.get("epochs"):  # fitted to the budget before this restart / resume: keep it
+        cfg = with_epochs(cfg, min(cfg.train.epochs, state["epochs"]))
+    set_schedule_total(scheduler, steps_per_epoch * cfg.train.epochs)  # a checkpoint's count or this config's
     if state["epoch"] and rank == 0:
         say(f"resumed at epoch {state['epoch']} step {state['global_step']}")
+    t0 = float(loop_config.get("t0") or time.time())
+    walls: list[float] = []  # when each epoch this process ran had trained and validated
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard(f"val_{rank}") if cfg.train.val_every else None
@@ -308,6 +365,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics["elapsed_s"] = time.time() - loop_config["t0"]
         state["epoch"] = epoch + 1
         state["history"].append(metrics)
+        walls.append(time.time())  # each interval: a checkpoint, an epoch and its validation
+        if budget and not last and len(walls) > BUDGET_TIMED_EPOCHS and ("epochs" not in state or checkpoint):
+            cfg = fit_to_budget(cfg, state, walls, t0, scheduler, ctx)  # before this epoch's checkpoint saves it
         if rank == 0:
             say(f"epoch {epoch + 1} done: {_brief(metrics)}")
         if last and loop_config.get("probe_path"):
