@@ -269,17 +269,17 @@ def with_epochs(cfg: Config, epochs: int) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=int(epochs)))
 
 
-def fit_to_budget(cfg: Config, state: dict, walls: list[float], t0: float, scheduler, ctx: dict) -> Config:
+def fit_to_budget(cfg: Config, state: dict, walls: list[float], used_s: float, scheduler, ctx: dict) -> Config:
     """train.time_budget_s: fit the epoch count to the wall time left (every rank agrees on the smallest
     count), re-aim the LR schedule at the new last step and remember the count in the run state.
 
     First called after ``BUDGET_TIMED_EPOCHS`` timed epochs, then again at every checkpoint epoch with the
     mean of the latest ``BUDGET_WINDOW`` epochs, so the count follows the machine's real pace (the first
-    epochs are slower: the first validation decodes the val split)."""
+    epochs are slower: the first validation decodes the val split). ``used_s``: budget seconds spent."""
     budget = float(cfg.train.time_budget_s)
     recent = walls[-(BUDGET_WINDOW + 1):]
     per_epoch = (recent[-1] - recent[0]) / (len(recent) - 1)
-    elapsed = time.time() - t0
+    elapsed = used_s
     most = int(ctx.get("most_epochs", cfg.train.epochs))  # train.epochs as configured
     n = fit_epochs(state["epoch"], per_epoch, budget * (1 - BUDGET_MARGIN) - elapsed, most)
     if _dist_ready() and torch.distributed.get_world_size() > 1:
@@ -293,6 +293,15 @@ def fit_to_budget(cfg: Config, state: dict, walls: list[float], t0: float, sched
         say(f"time budget {budget:.0f} s: {elapsed:.0f} s used, {per_epoch:.1f} s per epoch -> {n} epochs "
             f"(train.epochs={most} at most); the LR schedule now ends at step {n * ctx['steps_per_epoch']}")
     return with_epochs(cfg, n)
+
+
+def budget_spent_before(state: dict, t0: float) -> float:
+    """Budget seconds that earlier ``refseg train`` calls of this run spent (a ``--resume`` continues their
+    count; the pause between the calls is not counted). A restart after a worker failure within the call
+    that started at ``t0`` keeps counting from ``t0``, so the time the failure cost is counted."""
+    if state.get("budget_t0") == t0:
+        return float(state.get("budget_spent_before_s", 0.0))
+    return float(state.get("budget_used_s", 0.0))
 
 
 def set_schedule_total(scheduler, total_steps: int) -> None:
@@ -338,6 +347,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if state["epoch"] and rank == 0:
         say(f"resumed at epoch {state['epoch']} step {state['global_step']}")
     t0 = float(loop_config.get("t0") or time.time())
+    spent_before = budget_spent_before(state, t0)
     walls: list[float] = []  # when each epoch this process ran had trained and validated
 
     train_shard = ray.train.get_dataset_shard("train")
@@ -366,8 +376,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         state["epoch"] = epoch + 1
         state["history"].append(metrics)
         walls.append(time.time())  # each interval: a checkpoint, an epoch and its validation
-        if budget and not last and len(walls) > BUDGET_TIMED_EPOCHS and ("epochs" not in state or checkpoint):
-            cfg = fit_to_budget(cfg, state, walls, t0, scheduler, ctx)  # before this epoch's checkpoint saves it
+        if budget:
+            state.update(budget_t0=t0, budget_spent_before_s=spent_before,
+                         budget_used_s=spent_before + walls[-1] - t0)
+            if not last and len(walls) > BUDGET_TIMED_EPOCHS and ("epochs" not in state or checkpoint):
+                # before this epoch's checkpoint, which saves the count
+                cfg = fit_to_budget(cfg, state, walls, state["budget_used_s"], scheduler, ctx)
         if rank == 0:
             say(f"epoch {epoch + 1} done: {_brief(metrics)}")
         if last and loop_config.get("probe_path"):
