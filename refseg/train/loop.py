@@ -279,9 +279,8 @@ def fit_to_budget(cfg: Config, state: dict, walls: list[float], used_s: float, s
     budget = float(cfg.train.time_budget_s)
     recent = walls[-(BUDGET_WINDOW + 1):]
     per_epoch = (recent[-1] - recent[0]) / (len(recent) - 1)
-    elapsed = used_s
-    most = int(ctx.get("most_epochs", cfg.train.epochs))  # train.epochs as configured
-    n = fit_epochs(state["epoch"], per_epoch, budget * (1 - BUDGET_MARGIN) - elapsed, most)
+    most = ctx["most_epochs"]  # train.epochs as configured (cfg.train.epochs is the fitted count after a fit)
+    n = fit_epochs(state["epoch"], per_epoch, budget * (1 - BUDGET_MARGIN) - used_s, most)
     if _dist_ready() and torch.distributed.get_world_size() > 1:
         t = torch.tensor([n], dtype=torch.int64)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
@@ -290,7 +289,7 @@ def fit_to_budget(cfg: Config, state: dict, walls: list[float], used_s: float, s
     state["epochs"] = n
     set_schedule_total(scheduler, n * ctx["steps_per_epoch"])
     if ctx["rank"] == 0 and n != before:
-        say(f"time budget {budget:.0f} s: {elapsed:.0f} s used, {per_epoch:.1f} s per epoch -> {n} epochs "
+        say(f"time budget {budget:.0f} s: {used_s:.0f} s used, {per_epoch:.1f} s per epoch -> {n} epochs "
             f"(train.epochs={most} at most); the LR schedule now ends at step {n * ctx['steps_per_epoch']}")
     return with_epochs(cfg, n)
 
