@@ -3,12 +3,12 @@
     python bench/data_pipeline.py                      # 300 synthetic images, sizes 128 and 480 (~4 min)
     python bench/data_pipeline.py --images 600 --rounds 3 --variants
 
-Every path runs the same per-batch function (:func:`refseg.data.ray_data.decode_batch`: decode the
+Every path runs the same per-batch function (:func:`refseg.data.samples.decode_batch`: decode the
 JPEG and the mask, resize to S x S, normalise, tokenise one drawn sentence per ref) over the training
 refs of a synthetic refer-format set with COCO-like image sides (320-640 px):
   (a) Ray Data: ``build_dataset(cfg.data, "train", train=True)`` with the default settings (tasks,
       one per CPU, map_cpus=0.5) on ``ray.init(num_cpus=2)``, consumed with ``iter_torch_batches(32)``;
-      ``--variants`` also times other map strategies (more tasks, CPUs per task, actor pools);
+      ``--variants`` also times other task settings (more tasks, CPUs per task);
   (b) ``torch.utils.data.DataLoader(num_workers=2, persistent_workers=True)``, one batch of 32 refs per item;
   (c) one process, one core: a plain loop calling the same function.
 (a) and (b) alternate for ``--rounds`` rounds of ``--epochs`` epochs after one warm-up epoch each (which
@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def ref_batches(data_cfg, rows_per_batch: int) -> list[dict]:
     """The training refs as NumPy batches shaped like the ones Ray Data hands to the map."""
-    from refseg.data.ray_data import _refs_table, load_refs
+    from refseg.data.refs import load_refs, refs_table
 
     refs = load_refs(data_cfg, "train")[: data_cfg.max_samples]
-    table = _refs_table(refs)
+    table = refs_table(refs)
     batches = []
     for i in range(0, table.num_rows, rows_per_batch):
         part = table.slice(i, rows_per_batch)
@@ -53,17 +53,11 @@ def ref_batches(data_cfg, rows_per_batch: int) -> list[dict]:
     return batches
 
 
-def opts_for(data_cfg) -> dict:
-    return {"image_size": data_cfg.image_size, "keep_aspect": data_cfg.keep_aspect,
-            "max_tokens": data_cfg.max_tokens, "train": True, "augment": False,
-            "hflip_prob": data_cfg.hflip_prob, "override": None}
-
-
 class RefBatches:
     """torch Dataset: item i = the decoded batch i (the DataLoader then just stacks nothing)."""
 
-    def __init__(self, batches: list[dict], tokenizer_source, opts: dict) -> None:
-        self.batches, self.tokenizer_source, self.opts = batches, tokenizer_source, opts
+    def __init__(self, batches: list[dict], tokenizer, opts) -> None:
+        self.batches, self.tokenizer, self.opts = batches, tokenizer, opts
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -71,9 +65,9 @@ class RefBatches:
     def __getitem__(self, i: int):
         import torch
 
-        from refseg.data.ray_data import decode_batch, get_tokenizer
+        from refseg.data.samples import decode_batch, fast_tokenizer
 
-        out = decode_batch(self.batches[i], get_tokenizer(self.tokenizer_source), self.opts)
+        out = decode_batch(self.batches[i], fast_tokenizer(self.tokenizer), self.opts)
         return {k: torch.from_numpy(v) for k, v in out.items()}
 
 
@@ -85,11 +79,11 @@ def rate(make_iter, epochs: int) -> float:
     return total / (time.perf_counter() - t0)
 
 
-def single_core(data_cfg, text, rows: int) -> float:
-    from refseg.data.ray_data import decode_batch, get_tokenizer, tokenizer_spec
+def single_core(data_cfg, tokenizer, rows: int) -> float:
+    from refseg.data.samples import decode_batch, fast_tokenizer, sample_opts
 
-    batches, opts = ref_batches(data_cfg, rows), opts_for(data_cfg)
-    tok = get_tokenizer(tokenizer_spec(text))
+    batches, opts = ref_batches(data_cfg, rows), sample_opts(data_cfg, train=True)
+    tok = fast_tokenizer(tokenizer)
     decode_batch(batches[0], tok, opts)  # warm
     return rate(lambda: (decode_batch(b, tok, opts) for b in batches), 1)
 
@@ -104,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-side", type=int, default=320)
     p.add_argument("--max-side", type=int, default=640)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--variants", action="store_true", help="also time other map strategies")
+    p.add_argument("--variants", action="store_true", help="also time other task settings")
     args = p.parse_args(argv)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -112,11 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from refseg.config import DataConfig
-    from refseg.data import build_dataset
-    from refseg.data.synthetic import make_synthetic
-    from refseg.models.presets import tiny
+    from refseg.config.presets import tiny
+    from refseg.data import build_dataset, make_synthetic, sample_opts, tokenizer_spec
+    from refseg.models import load_tokenizer
 
-    text = tiny().text
+    tokenizer = tokenizer_spec(load_tokenizer(tiny().text))
     root = Path(tempfile.mkdtemp(prefix="refseg-bench-")) / "set"
     t0 = time.perf_counter()
     make_synthetic(root, num_images=args.images, seed=0, min_size=args.min_side, max_size=args.max_side)
@@ -133,11 +127,12 @@ def main(argv: list[str] | None = None) -> None:
     for size in args.sizes:
         cfg = DataConfig(root=str(root), image_size=size, max_tokens=20,
                          max_samples=args.max_refs_480 if size >= 256 else None)
-        single = single_core(cfg, text, args.batch_size)
-        dataset = RefBatches(ref_batches(cfg, args.batch_size), text, opts_for(cfg))  # one training batch per item
+        single = single_core(cfg, tokenizer, args.batch_size)
+        dataset = RefBatches(ref_batches(cfg, args.batch_size), tokenizer,  # one training batch per item
+                             sample_opts(cfg, train=True))
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=True, num_workers=2,
                                              persistent_workers=True, prefetch_factor=2)
-        ds = build_dataset(cfg, "train", train=True, tokenizer_source=text)
+        ds = build_dataset(cfg, "train", train=True, tokenizer=tokenizer)
         ray_iter = lambda ds=ds: ds.iter_torch_batches(batch_size=args.batch_size, prefetch_batches=2)
         t0 = time.perf_counter()
         n = sum(len(b["ref_id"]) for b in loader)
@@ -156,14 +151,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[S={size}] (a) Ray Data (default, tasks):   {max(rd):6.0f} samples/s  rounds {[round(x) for x in rd]}")
         del loader
         if args.variants:
-            for compute, cpus, workers in (("tasks", 0.5, 4), ("tasks", 1.0, 2), ("actors", 0.5, 2), ("actors", 1.0, 2)):
+            for cpus, workers in ((0.5, 4), (1.0, 2)):
                 vcfg = DataConfig(root=str(root), image_size=size, max_tokens=20, max_samples=cfg.max_samples,
                                   map_cpus=cpus, num_read_tasks=workers)
-                vds = build_dataset(vcfg, "train", train=True, tokenizer_source=text, compute=compute)
+                vds = build_dataset(vcfg, "train", train=True, tokenizer=tokenizer)
                 it = lambda vds=vds: vds.iter_torch_batches(batch_size=args.batch_size, prefetch_batches=2)
-                sum(len(b["ref_id"]) for b in it())  # warm-up (actor start-up is paid every epoch anyway)
+                sum(len(b["ref_id"]) for b in it())  # warm-up
                 r = rate(it, args.epochs)
-                print(f"[S={size}]     variant {compute} map_cpus={cpus} workers={workers}: {r:6.0f} samples/s "
+                print(f"[S={size}]     variant tasks map_cpus={cpus} workers={workers}: {r:6.0f} samples/s "
                       f"({r / max(dl):.2f}x DataLoader)")
         lines.append(f"[S={size}] Ray Data {max(rd):.0f} samples/s, DataLoader {max(dl):.0f} samples/s, "
                      f"single core {single:.0f} samples/s, ratio={max(rd) / max(dl):.2f}")

@@ -51,8 +51,8 @@ SENTENCES = ["the man in the red shirt on the left", "woman holding a blue umbre
 
 def bench_config(a, data_root: Path):
     """configs/refcoco_r101.yaml (or --preset) with random weights of the same shapes and one worker."""
+    from bench.offline import offline_preset
     from refseg.config import load_config
-    from refseg.models.presets import offline_preset
 
     cfg = load_config(REPO / "configs" / "refcoco_r101.yaml", [
         f"data.root={data_root}", "data.synthetic=true", f"data.synthetic_images={a.images}",
@@ -119,7 +119,7 @@ def step_flops(cfg, batch: dict, device) -> float:
 
     from refseg.losses import refseg_loss
     from refseg.models import build_model
-    from refseg.train.loop import engine_dtype, to_inputs
+    from refseg.train.engine import engine_dtype, to_inputs
 
     dtype = engine_dtype(cfg)
     model = build_model(cfg.model, pretrained=False).to(device=device, dtype=dtype)
@@ -136,7 +136,7 @@ def step_part(cfg, a, device) -> dict:
     import torch
 
     from refseg.losses import refseg_loss
-    from refseg.train.loop import engine_dtype, setup_engine, to_inputs
+    from refseg.train.engine import engine_dtype, setup_engine, to_inputs
 
     batch = fake_batch(cfg, a.batch)
     out = {"flops_per_step": step_flops(cfg, batch, device)}
@@ -293,7 +293,7 @@ def init_dist(device) -> None:
     """A one-process torch.distributed group (what Ray Train sets up for each worker)."""
     import deepspeed
 
-    from refseg.train.driver import local_env
+    from refseg.runtime import local_env
 
     local_env()
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
 
-    from refseg.train.driver import extensions_env
+    from refseg.runtime import extensions_env
 
     os.environ.update(extensions_env())
     if a.device == "cuda" and not torch.cuda.is_available():

@@ -50,25 +50,27 @@ def dump(cfg, path: Path) -> None:
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # read when ray.data is first imported
     import ray
 
-    from refseg import raylog
+    from refseg import runtime
     from refseg.data import build_dataset, ensure_synthetic
+    from refseg.models import load_tokenizer
 
     if cfg.data.synthetic:
         ensure_synthetic(cfg.data.root, cfg.data.synthetic_images, cfg.data.synthetic_seed)
     ray.init(address="local", num_cpus=2, include_dashboard=False)
-    raylog.quiet_data()
+    runtime.quiet_data()
     try:
         def collect(ds) -> dict:
             rows = list(ds.iter_batches(batch_size=4096, batch_format="numpy"))
             return {k: np.concatenate([r[k] for r in rows]) for k in ("image", "mask", "input_ids", "attention_mask")}
 
         out = {}
-        train = build_dataset(cfg.data, "train", train=True, tokenizer_source=cfg.model.text)
+        tokenizer = load_tokenizer(cfg.model.text)
+        train = build_dataset(cfg.data, "train", train=True, tokenizer=tokenizer)
         for e in range(PASSES):
             out |= {f"tr{e}_{k}": v for k, v in collect(train).items()}
         val_cfg = dataclasses.replace(cfg.data, shuffle_expressions=False)
         out |= {f"va_{k}": v for k, v in collect(build_dataset(val_cfg, "val", train=False,
-                                                               tokenizer_source=cfg.model.text)).items()}
+                                                               tokenizer=tokenizer)).items()}
     finally:
         ray.shutdown()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,18 +87,19 @@ _OPTS: dict = {}
 def fresh_rows(cfg, split: str, train: bool) -> tuple[dict, dict]:
     """The cache rows of ``split`` (decoded once, original pixels for augmented training) and their opts."""
     from refseg.data.cache import cache_batch
-    from refseg.data.ray_data import _cap, _refs_table, load_refs, sample_opts, shuffle_ref_texts
+    from refseg.data.refs import cap_refs, load_refs, refs_table, shuffle_ref_texts
+    from refseg.data.samples import sample_opts
 
-    refs = _cap(load_refs(cfg.data, split), cfg.data.max_samples, train)  # as build_dataset does
+    refs = cap_refs(load_refs(cfg.data, split), cfg.data.max_samples, train)  # as build_dataset does
     if train and cfg.data.shuffle_expressions:  # as build_dataset does (seed 0)
         refs = shuffle_ref_texts(refs, 0)
-    table = _refs_table(refs)
+    table = refs_table(refs)
     opts = sample_opts(cfg.data, train)
     return cache_batch({c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}, opts), opts
 
 
 def _decode(idx: np.ndarray) -> dict:
-    from refseg.data.ray_data import decode_batch
+    from refseg.data.samples import decode_batch
 
     return decode_batch({k: v[idx] for k, v in _ROWS.items()}, _TOK, _OPTS)
 
@@ -106,13 +109,14 @@ class Fresh:
 
     def __init__(self, cfg, procs: int, seed: int) -> None:
         global _ROWS, _TOK, _OPTS
-        from refseg.data.ray_data import decode_batch, get_tokenizer
+        from refseg.data.samples import decode_batch
+        from refseg.models import load_tokenizer
 
         if cfg.data.synthetic:
             from refseg.data import ensure_synthetic
 
             ensure_synthetic(cfg.data.root, cfg.data.synthetic_images, cfg.data.synthetic_seed)
-        _TOK = get_tokenizer(cfg.model.text)
+        _TOK = load_tokenizer(cfg.model.text)
         _ROWS, _OPTS = fresh_rows(cfg, "train", True)
         val_rows, val_opts = fresh_rows(dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data, shuffle_expressions=False)), "val", False)
@@ -156,7 +160,7 @@ def main() -> None:
     from refseg.losses import refseg_loss
     from refseg.metrics import SegMetrics
     from refseg.models import build_model
-    from refseg.train.ds_config import lr_lambda
+    from refseg.train.engine import lr_lambda
 
     cfg = load_config(a.config, a.overrides)
     if a.shuffle:

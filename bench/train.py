@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO))
 
 def bench_config(preset: str, workers: int, image_size: int, batch: int, steps: int, data_root: Path):
     """The debug config with ``preset``; r50 without hub weights (random init, same shapes)."""
+    from bench.offline import offline_preset
     from refseg.config import load_config
-    from refseg.models.presets import offline_preset
 
     cfg = load_config(REPO / "configs" / "debug.yaml", [
         f"data.root={data_root}", "data.synthetic_images=200", f"data.image_size={image_size}",
@@ -106,7 +106,7 @@ def memory_loop(config: dict) -> None:
 
     from refseg.config import config_from_dict
     from refseg.losses import refseg_loss
-    from refseg.train.loop import setup_engine
+    from refseg.train.engine import setup_engine
 
     torch.set_num_threads(1)
     cfg = config_from_dict(config["config"])
@@ -154,7 +154,7 @@ def memory(a) -> float:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from refseg.train.driver import init_ray
+    from refseg.runtime import init_ray
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     with tempfile.TemporaryDirectory(prefix="refseg-bench-mem-") as tmp:

@@ -8,16 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from refseg.config import load_config
+from refseg.config import load_config, shipped_path
 
 DEMO_OVERRIDES = ["train.epochs=12", "train.val_every=3", "train.checkpoint_every=3"]
-
-
-def _debug_config_path() -> Path:
-    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        if (base / "configs" / "debug.yaml").is_file():
-            return base / "configs" / "debug.yaml"
-    raise FileNotFoundError("configs/debug.yaml not found: run the demo from the refseg checkout")
 
 
 def run_demo(output_dir: str | Path, data_root: str | Path | None = None, overrides: list[str] | None = None) -> dict:
@@ -28,7 +21,7 @@ def run_demo(output_dir: str | Path, data_root: str | Path | None = None, overri
 
     out = Path(output_dir).expanduser().resolve()
     root = Path(data_root).expanduser().resolve() if data_root else out / "data"
-    cfg = load_config(_debug_config_path(), [f"data.root={root}", *DEMO_OVERRIDES, *(overrides or [])])
+    cfg = load_config(shipped_path("configs", "debug", "config"), [f"data.root={root}", *DEMO_OVERRIDES, *(overrides or [])])
     print(f"[demo] synthetic RefCOCO-format set at {root}")
     ensure_synthetic(root, cfg.data.synthetic_images, cfg.data.synthetic_seed)
 

@@ -5,8 +5,8 @@
     m.merge(SegMetrics.from_state(other_worker_state))
     m.compute()   # {"oiou", "miou", "median_iou", "dice", "precision_at": {"0.5".."0.9"}, ...}
 
-One sample = one (ref, sentence) pair. Definitions (shared/REFCOCO_FORMAT.md), with I, U, P, G the
-sample's intersection, union, predicted and ground-truth areas in pixels:
+One sample = one (ref, sentence) pair. With I, U, P, G the sample's intersection, union, predicted
+and ground-truth areas in pixels:
 - oiou = sum(I) / sum(U) over the split (0 when sum(U) = 0).
 - miou = mean of I/U; a sample with U = 0 scores 0 (LAVT).  median_iou = median of the same values.
 - dice = mean of 2I/(P+G); a sample with P+G = 0 (both masks empty) scores 0, like miou's U = 0.
@@ -20,7 +20,6 @@ gives exactly the serial result. No torch or ray import: tensors are converted w
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -158,13 +157,6 @@ class SegMetrics:
         m = cls()
         m.add(state["intersection"], state["union"], state["pred_area"], state["gt_area"], state.get("key"))
         return m
-
-    @classmethod
-    def merged(cls, parts: Sequence[SegMetrics]) -> SegMetrics:
-        out = cls()
-        for p in parts:
-            out.merge(p)
-        return out
 
     def __len__(self) -> int:
         return int(sum(len(c) for c in self._chunks["intersection"]))

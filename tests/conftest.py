@@ -47,6 +47,6 @@ def ray_session():
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """A synthetic refcoco/unc set of 40 images (seed 0), made once per session (read-only!)."""
-    from refseg.data.synthetic import make_synthetic
+    from refseg.data.sources.synthetic import make_synthetic
 
     return make_synthetic(tmp_path_factory.mktemp("synthetic") / "set", num_images=SYNTHETIC_IMAGES, seed=0)

@@ -1,4 +1,4 @@
-"""Small refer-format sets written on the fly for tests (see shared/REFCOCO_FORMAT.md for the layout).
+"""Small refer-format sets written on the fly for tests.
 
     expected = write_refer_set(tmp_path)                 # refcoco/unc, 5 refs, 11 sentences
     load_split(tmp_path, "refcoco", "unc", "train")      # -> expected["samples"]["train"] records
@@ -8,7 +8,8 @@ The set has one annotation per image, in this order (image ``i`` has id ``i + 1`
     1: grayscale 'L',   multi-part polygon (two rectangles)
     2: CMYK JPEG,       compressed RLE (counts str)
     3: RGB image,       uncompressed RLE (counts list, iscrowd=1)
-    4+: RGB images,     single polygon (rectangle)
+    4: RGB image,       a list of two overlapping compressed RLE dicts (what refer's getMask decodes)
+    5+: RGB images,     single polygon (rectangle)
 Ref ``i`` points at annotation ``i``; its split cycles through ``splits`` and its sentence count
 through 2, 3, 1. ``bad_samples=True`` adds one ref per skip reason (see ``expected["skipped"]``).
 """
@@ -44,7 +45,7 @@ def _write_image(path: Path, h: int, w: int, mode: str, rng: np.random.Generator
     img.save(path, format="JPEG", quality=90)
 
 
-def _uncompressed_counts(mask: np.ndarray) -> list[int]:
+def uncompressed_counts(mask: np.ndarray) -> list[int]:
     """COCO uncompressed RLE counts: column-major runs, starting with a (possibly empty) run of 0s."""
     flat = mask.flatten(order="F").astype(np.uint8)
     counts, value, run = [], 0, 0
@@ -59,7 +60,7 @@ def _uncompressed_counts(mask: np.ndarray) -> list[int]:
 
 
 def _segmentation(kind: int, h: int, w: int) -> tuple[object, int]:
-    """(segmentation, iscrowd) for annotation kind 0..4 (see module docstring)."""
+    """(segmentation, iscrowd) for annotation kind 0..5 (see module docstring)."""
     if kind == 0:
         return [[2.0, 2.0, w - 3.0, 4.0, w / 2.0, h - 3.0]], 0
     if kind == 1:
@@ -73,13 +74,20 @@ def _segmentation(kind: int, h: int, w: int) -> tuple[object, int]:
         rle = mask_utils.encode(np.asfortranarray(disc))
         return {"size": [h, w], "counts": rle["counts"].decode("ascii")}, 0
     if kind == 3:
-        return {"size": [h, w], "counts": _uncompressed_counts(disc)}, 1
+        return {"size": [h, w], "counts": uncompressed_counts(disc)}, 1
+    if kind == 4:
+        box = np.zeros((h, w), np.uint8)
+        box[2:h // 2, 2:w // 2] = 1  # overlaps the disc
+        return [{"size": [h, w], "counts": mask_utils.encode(np.asfortranarray(m))["counts"].decode("ascii")}
+                for m in (disc, box)], 0
     return [[3.0, 3.0, w - 4.0, 3.0, w - 4.0, h / 2.0, 3.0, h / 2.0]], 0
 
 
 def _annotation(ann_id: int, image_id: int, seg: object, iscrowd: int, h: int, w: int) -> dict:
     if isinstance(seg, dict):
         rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg
+    elif isinstance(seg[0], dict):
+        rle = mask_utils.merge([{"size": p["size"], "counts": p["counts"].encode()} for p in seg])
     else:
         parts = [p for p in seg if len(p) >= 6]
         rle = mask_utils.merge(mask_utils.frPyObjects(parts, h, w)) if parts else None
@@ -129,7 +137,7 @@ def write_refer_set(
 
     ``image_layout``: "refer" (images/mscoco/images/train2014) or "seed" (images/mscoco/train2014).
     Returns {"root", "image_dir", "dataset_dir", "refs": {split: n}, "samples": {split: n},
-    "ann_kinds": {ann_id: "polygon"|"multipart"|"rle_str"|"rle_list"}, "skipped": {reason: n}}
+    "ann_kinds": {ann_id: "polygon"|"multipart"|"rle_str"|"rle_list"|"rle_parts"}, "skipped": {reason: n}}
     where refs/samples are keyed by each ref's own split name."""
     root = Path(root)
     sub = {"refer": "images/mscoco/images/train2014", "seed": "images/mscoco/train2014"}[image_layout]
@@ -140,7 +148,7 @@ def write_refer_set(
     rng = np.random.default_rng(seed)
 
     imgs, anns, refs = [], [], []
-    kinds = {0: "polygon", 1: "multipart", 2: "rle_str", 3: "rle_list"}
+    kinds = {0: "polygon", 1: "multipart", 2: "rle_str", 3: "rle_list", 4: "rle_parts"}
     expected = {"refs": {}, "samples": {}, "ann_kinds": {}, "skipped": {}}
     next_sent = 100
     for i in range(images):
@@ -148,7 +156,7 @@ def write_refer_set(
         mode = "L" if (i == 1 and with_grayscale) else "CMYK" if (i == 2 and with_cmyk) else "RGB"
         _write_image(image_dir / coco_file_name(image_id), h, w, mode, rng)
         imgs.append({"id": image_id, "file_name": coco_file_name(image_id), "height": h, "width": w})
-        seg, iscrowd = _segmentation(min(i, 4), h, w)
+        seg, iscrowd = _segmentation(min(i, 5), h, w)
         anns.append(_annotation(ann_id, image_id, seg, iscrowd, h, w))
         expected["ann_kinds"][ann_id] = kinds.get(i, "polygon")
         split = splits[i % len(splits)]

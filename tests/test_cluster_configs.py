@@ -191,7 +191,7 @@ def test_runtime_env_is_valid_and_uploads_no_venv(tmp_path):
     pkg = tmp_path / "pkg.zip"
     create_package(str(REPO), pkg, include_gitignore=True, excludes=get_runtime_env_default_excludes() + env["excludes"])
     names = zipfile.ZipFile(pkg).namelist()
-    assert {"jobs/train.py", "refseg/cli.py", "configs/debug.yaml", "cluster/runtime_env.yaml"} <= set(names)
+    assert {"jobs/train.py", "refseg/cli/__init__.py", "configs/debug.yaml", "cluster/runtime_env.yaml"} <= set(names)
     assert not [n for n in names if n.startswith((".venv", ".git/", "runs/", "data/"))]
     assert pkg.stat().st_size < 20 * 1024**2, f"working_dir upload is {pkg.stat().st_size / 1024**2:.0f} MiB"
 
@@ -243,7 +243,7 @@ def test_package_installs_from_what_the_dockerfile_copies(tmp_path):
                    check=True, cwd=tmp_path, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("refseg-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "refseg/cli.py" in names and any(n.startswith("refseg/models/assets/") for n in names)
+    assert "refseg/cli/__init__.py" in names and any(n.startswith("refseg/models/assets/") for n in names)
     assert not [n for n in names if n.startswith(("tests/", "jobs/", "bench/"))]
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert re.search(r"Requires-Dist: ray\[.*train.*\]", meta) and "Requires-Dist: deepspeed" in meta

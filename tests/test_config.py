@@ -3,17 +3,40 @@ import json
 import pytest
 import torch
 
-from refseg.config import Config, ConfigError, config_from_dict, load_config, parse_override
-from refseg.train.ds_config import build_deepspeed_config, lr_lambda
+from refseg.config import Config, ConfigError, config_from_dict, load_config, parse_override, shipped_path
+from refseg.train.engine import build_deepspeed_config, lr_lambda
 
 
 def test_defaults_and_yaml_round_trip(tmp_path):
     cfg = Config()
     assert cfg.model.fusion.num_layers == 3 and cfg.model.decoder.channels == [128, 64, 32, 16]
     path = tmp_path / "c.yaml"
-    cfg.save(path)
+    path.write_text(cfg.to_yaml())
     again = load_config(path)
     assert again.to_dict() == cfg.to_dict()
+
+
+def test_retired_keys_of_older_saved_configs_are_ignored():
+    """Older refseg versions wrote eval.threshold / workers / at_train_res and train.fail_at_step into
+    every saved config: those checkpoints still load, and the keys are gone from the resolved config."""
+    old = {"eval": {"batch_size": 8, "threshold": 0.5, "workers": 1, "at_train_res": False},
+           "train": {"fail_at_step": None, "lr": 0.5}}
+    cfg = config_from_dict(old)
+    assert cfg.to_dict()["eval"] == {"batch_size": 8}
+    assert "fail_at_step" not in cfg.to_dict()["train"] and cfg.train.lr == 0.5
+    assert old["eval"]["threshold"] == 0.5  # the caller's dict is left as it was
+    with pytest.raises(ConfigError, match=r"unknown config key 'eval.treshold'.*'batch_size'"):
+        config_from_dict({"eval": {"treshold": 0.5}})
+
+
+def test_shipped_path_finds_shipped_files_and_names_the_folder(tmp_path):
+    assert shipped_path("configs", "debug", "config").endswith("configs/debug.yaml")
+    assert shipped_path("tune", "fusion_lr", "search space").endswith("tune/fusion_lr.yaml")
+    mine = tmp_path / "mine.yml"
+    assert shipped_path("configs", str(mine), "config") == str(mine)  # a YAML path is taken as given
+    with pytest.raises(ConfigError, match=r"^config 'nope' is neither a file nor a config shipped in configs/; "
+                                         r"pass a YAML path$"):
+        shipped_path("configs", "nope", "config")
 
 
 def test_overrides_typed():
@@ -91,7 +114,7 @@ def test_deepspeed_config(tmp_path):
 def test_lr_schedule_end_moves_and_a_checkpoint_keeps_it(tmp_path):
     """train.time_budget_s re-aims the schedule mid-run: LambdaLR's state (what DeepSpeed checkpoints) must
     carry the new last step, as plain data."""
-    from refseg.train.loop import set_schedule_total
+    from refseg.train.budget import set_schedule_total
 
     def scheduler(total: int):
         opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1.0)

@@ -110,7 +110,7 @@ def test_two_workers_give_identical_metrics(one_worker, ckpt, synthetic_root, tm
 def test_batch_blocks_hold_exactly_one_batch_each():
     """Ray Data gets blocks of exactly batch_size rows, so map_batches(batch_size=...) hands each actor
     whole blocks (batches do not depend on the actor count; GPU actors need an explicit size)."""
-    from refseg.infer.evaluate import batch_blocks
+    from refseg.infer.batch import batch_blocks
 
     items = [{"id": i, "text": f"t{i}"} for i in range(37)]
     blocks = batch_blocks(items, 16)

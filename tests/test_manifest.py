@@ -1,4 +1,4 @@
-"""refseg.data.manifest: user data (JSONL / Parquet, PNG / RLE / polygon masks) -> the same samples."""
+"""refseg.data.sources.manifest: user data (JSONL / Parquet, PNG / RLE / polygon masks) -> the same samples."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from refseg.config import DataConfig
+from refseg.config.presets import tiny
 from refseg.data import (
     RefSegDataError,
     SkipReport,
@@ -20,10 +21,10 @@ from refseg.data import (
     read_manifest,
     write_manifest,
 )
-from refseg.models.presets import tiny
+from refseg.models import load_tokenizer
 
 SIZE, TOKENS = 64, 12
-TEXT = tiny().text
+TOK = load_tokenizer(tiny().text)
 
 
 def png_records(records: list[dict], mask_dir: Path) -> list[dict]:
@@ -49,7 +50,7 @@ def samples(ds) -> dict:
 @pytest.fixture(scope="module")
 def reference(ray_session, synthetic_root):
     cfg = DataConfig(root=str(synthetic_root), image_size=SIZE, max_tokens=TOKENS)
-    return samples(build_dataset(cfg, "val", train=False, tokenizer_source=TEXT))
+    return samples(build_dataset(cfg, "val", train=False, tokenizer=TOK))
 
 
 @pytest.mark.parametrize("kind", ["png", "rle", "polygons"])
@@ -69,7 +70,7 @@ def test_manifest_yields_the_same_samples_as_refer_files(ray_session, synthetic_
     assert [(r["ref_id"], r["sent_id"], r["sentence"]) for r in back] == \
            [(r["ref_id"], r["sent_id"], r["sentence"]) for r in records]
     cfg = DataConfig(source="manifest", manifest=str(path), image_size=SIZE, max_tokens=TOKENS)
-    got = samples(build_dataset(cfg, "val", train=False, tokenizer_source=TEXT))
+    got = samples(build_dataset(cfg, "val", train=False, tokenizer=TOK))
     assert got.keys() == reference.keys()
     for key, row in got.items():
         for col in ("image", "mask", "input_ids", "attention_mask", "orig_h", "orig_w"):
@@ -87,7 +88,7 @@ def test_minimal_rows_get_ids_and_sizes(ray_session, synthetic_root, tmp_path):
     assert [(r["ref_id"], r["sent_id"], r["image_id"]) for r in records] == [(0, 0, 0), (1, 1, 0)]
     assert records[0]["mask_path"] == str(tmp_path / "m.png") and records[1]["height"] is None
     cfg = DataConfig(source="manifest", manifest=str(tmp_path / "my.jsonl"), image_size=SIZE, max_tokens=TOKENS)
-    out = build_dataset(cfg, "train", train=True, tokenizer_source=TEXT).take_all()
+    out = build_dataset(cfg, "train", train=True, tokenizer=TOK).take_all()
     assert len(out) == 2
     np.testing.assert_array_equal(out[0]["mask"], out[1]["mask"])
     assert {int(r["orig_h"]) for r in out} == {rec["height"]}
@@ -117,11 +118,9 @@ def test_bad_rows_are_skipped_and_counted_with_line_numbers(ray_session, synthet
     assert "bad.jsonl line 4" in report.examples["invalid manifest row"][0]
     assert "line 8" in report.examples["missing image file"][0]
 
-    from refseg.data import SkipTally
-
-    tally = SkipTally()
+    tally = SkipReport()
     cfg = DataConfig(source="manifest", manifest=str(tmp_path / "bad.jsonl"), image_size=SIZE, max_tokens=TOKENS)
-    out = build_dataset(cfg, "val", train=False, tokenizer_source=TEXT, report=tally).take_all()
+    out = build_dataset(cfg, "val", train=False, tokenizer=TOK, report=tally).take_all()
     assert sorted(int(r["sent_id"]) for r in out) == sorted(r["sent_id"] for r in good)
     assert tally.sync().counts["corrupt image"] == 1 and tally.counts["missing manifest field"] == 1
 
@@ -147,7 +146,7 @@ def test_manifest_to_shards(ray_session, synthetic_root, tmp_path, reference):
     path = write_manifest(records, tmp_path / "val.jsonl")
     assert write_shards(path, tmp_path / "shards") == {"val": len(records)}
     cfg = DataConfig(source="parquet", parquet=str(tmp_path / "shards"), image_size=SIZE, max_tokens=TOKENS)
-    got = samples(build_dataset(cfg, "val", train=False, tokenizer_source=TEXT))
+    got = samples(build_dataset(cfg, "val", train=False, tokenizer=TOK))
     assert got.keys() == reference.keys()
     for key, row in got.items():
         np.testing.assert_array_equal(row["mask"], reference[key]["mask"])

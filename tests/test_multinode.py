@@ -214,7 +214,7 @@ def cluster_root():
 
 
 @pytest.mark.timeout(2 * JOB_TIMEOUT_S + 600)
-def test_two_node_train_then_single_node_evaluate(cluster_root, synthetic_root, tmp_path):
+def test_two_node_train_then_single_node_evaluate(ray_session, cluster_root, synthetic_root, tmp_path):
     token = secrets.token_hex(32)
     nodes: list[RayNode] = []
     try:
@@ -247,7 +247,7 @@ def test_two_node_train_then_single_node_evaluate(cluster_root, synthetic_root, 
         assert len(set(placed)) == 2, f"both Ray Train workers ran on node {placed[0]}"
         assert set(placed) == {n["id"] for n in alive}
 
-        from refseg.data.refer import load_split
+        from refseg.data.sources.refer import load_split
 
         n_val = len(load_split(synthetic_root, "refcoco", "unc", "val"))  # every val sentence
         summary = json.loads((out / "summary.json").read_text())
@@ -275,7 +275,13 @@ def test_two_node_train_then_single_node_evaluate(cluster_root, synthetic_root, 
         metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
         per_sample = (tmp_path / "eval" / "per_sample.jsonl").read_text().splitlines()
         assert metrics["num_samples"] == len(per_sample) == n_val > 0 and metrics["split"] == "val"
-        assert 0.0 <= metrics["oiou"] <= 1.0 and 0.0 <= metrics["miou"] <= 1.0
+        # the same evaluation of the same model.pt in this process (its own local Ray) gives the same figures
+        from refseg.infer import evaluate
+
+        local = evaluate(out / "model.pt", synthetic_root, "refcoco", "unc", "val", workers=1,
+                         output=tmp_path / "eval_local")
+        assert {k: local[k] for k in ("oiou", "miou", "num_samples", "precision_at")} == {
+            k: metrics[k] for k in ("oiou", "miou", "num_samples", "precision_at")}
         print(f"\n2-node training job {train_s:.0f}s, single-node evaluation job {eval_s:.0f}s, metrics {metrics}")
     finally:
         for node in reversed(nodes):

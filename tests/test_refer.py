@@ -1,4 +1,4 @@
-"""refseg.data.refer / masks / errors on small refer-format sets written by tests/refer_fixtures.py."""
+"""refseg.data.sources.refer / masks / skips on small refer-format sets written by tests/refer_fixtures.py."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
-from refer_fixtures import write_refer_set, write_tampered_pickle
+from refer_fixtures import uncompressed_counts, write_refer_set, write_tampered_pickle
 
-from refseg.data.errors import RefSegDataError, SkipReport
 from refseg.data.masks import decode_mask, encode_rle, polygon_area_ok, rle_to_mask, segmentation_problem
-from refseg.data.refer import load_split, load_split_refs, read_refs, split_matches
+from refseg.data.skips import RefSegDataError, SkipReport
+from refseg.data.sources.refer import load_split, load_split_refs, read_refs, split_matches
 
 RECORD_FIELDS = {
     "ref_id",
@@ -110,9 +110,10 @@ def test_grayscale_and_cmyk_images_are_listed(refcoco):
 
 
 def _direct_mask(seg, h, w) -> np.ndarray:
-    """refer's getMask written out with pycocotools (the reference)."""
+    """refer's getMask written out with pycocotools (the reference): polygons through frPyObjects,
+    a list of RLE dicts decoded as it is, then summed over the parts."""
     if isinstance(seg, list):
-        m = mask_utils.decode(mask_utils.frPyObjects(seg, h, w))  # (H, W, parts)
+        m = mask_utils.decode(seg if isinstance(seg[0], dict) else mask_utils.frPyObjects(seg, h, w))  # (H, W, parts)
         return (np.sum(m, axis=2) > 0).astype(np.uint8)
     if isinstance(seg["counts"], list):
         return mask_utils.decode(mask_utils.frPyObjects(seg, h, w))
@@ -139,7 +140,44 @@ def test_masks_equal_direct_pycocotools(refcoco):
         rle = json.loads(json.dumps(encode_rle(mask)))
         assert rle["size"] == [r["height"], r["width"]] and isinstance(rle["counts"], str)
         np.testing.assert_array_equal(rle_to_mask(rle), mask)
-    assert seen == {"polygon", "multipart", "rle_str", "rle_list"}
+    assert seen == {"polygon", "multipart", "rle_str", "rle_list", "rle_parts"}
+
+
+def test_every_segmentation_form_decodes_like_pycocotools():
+    """Polygons, an RLE dict with str / bytes / list counts, and a list of RLE dicts: the mask refer's
+    getMask gets from pycocotools (decode, sum over the parts, > 0)."""
+    h, w = 24, 30
+    rng = np.random.default_rng(0)
+    parts = [(rng.random((h, w)) > 0.8).astype(np.uint8) for _ in range(3)]
+    compressed = [mask_utils.encode(np.asfortranarray(p)) for p in parts]  # counts bytes
+    union = (np.sum(mask_utils.decode(compressed), axis=2) > 0).astype(np.uint8)  # (H, W, 3) -> (H, W)
+    as_str = [{"size": r["size"], "counts": r["counts"].decode("ascii")} for r in compressed]
+    uncompressed = [{"size": [h, w], "counts": uncompressed_counts(p)} for p in parts]
+    for seg in (compressed, as_str, uncompressed, as_str[:1] + compressed[1:]):
+        np.testing.assert_array_equal(decode_mask(seg), union)
+        np.testing.assert_array_equal(decode_mask(seg, h, w), union)
+        assert segmentation_problem(seg, h, w) is None
+    np.testing.assert_array_equal(decode_mask(as_str), _direct_mask(as_str, h, w))
+    for one in (compressed[0], as_str[0], uncompressed[0]):  # a single RLE dict
+        np.testing.assert_array_equal(decode_mask(one), parts[0])
+    polygons = [[2.0, 2.0, 20.0, 3.0, 10.0, 18.0], [15.0, 15.0, 28.0, 15.0, 28.0, 22.0, 15.0, 22.0]]
+    np.testing.assert_array_equal(decode_mask(polygons, h, w), _direct_mask(polygons, h, w))
+    # parts of different sizes, or a size other than the image's: invalid; no foreground: zero-area
+    assert segmentation_problem([as_str[0], {"size": [h, w + 1], "counts": as_str[1]["counts"]}]) == "invalid segmentation"
+    assert segmentation_problem(as_str, h + 1, w) == "invalid segmentation"
+    empty = {"size": [h, w], "counts": [h * w]}
+    assert segmentation_problem([empty, empty], h, w) == "zero-area segmentation"
+
+
+def test_a_list_of_rle_segmentation_is_kept(refcoco):
+    """refer reads an annotation whose segmentation is a list of RLE dicts; so does load_split."""
+    refs = load_split_refs(refcoco["root"], "refcoco", "unc", "train")
+    ref = next(r for r in refs if refcoco["ann_kinds"][r["ann_id"]] == "rle_parts")
+    assert isinstance(ref["segmentation"], list) and isinstance(ref["segmentation"][0], dict)
+    assert len(ref["sentences"]) == 3
+    mask = decode_mask(ref)
+    np.testing.assert_array_equal(mask, _direct_mask(ref["segmentation"], ref["height"], ref["width"]))
+    assert mask.sum() > max(decode_mask(p).sum() for p in ref["segmentation"])  # the union of both parts
 
 
 def test_multipart_overlap_is_binary():

@@ -1,4 +1,4 @@
-"""refseg.data.shards: Parquet round trip, atomic rewrites, `prepare`, training/eval from shards."""
+"""refseg.data.sources.shards: Parquet round trip, atomic rewrites, `prepare`, training/eval from shards."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from refseg.config import DataConfig
+from refseg.config.presets import tiny
 from refseg.data import (
     SkipReport,
     build_dataset,
@@ -22,11 +23,11 @@ from refseg.data import (
     prepare,
     write_shards,
 )
-from refseg.data.shards import SCHEMA
-from refseg.models.presets import tiny
+from refseg.data.sources.shards import SCHEMA
+from refseg.models import load_tokenizer
 
 SIZE, TOKENS = 64, 12
-TEXT = tiny().text
+TOK = load_tokenizer(tiny().text)
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +101,8 @@ def cfg(shards: Path, **kw) -> DataConfig:
 def test_dataset_from_shards_equals_dataset_from_refer_files(ray_session, synthetic_root, shards):
     refer = DataConfig(root=str(synthetic_root), image_size=SIZE, max_tokens=TOKENS)
     want = {(int(r["ref_id"]), int(r["sent_id"])): r
-            for r in build_dataset(refer, "val", train=False, tokenizer_source=TEXT).take_all()}
-    got = build_dataset(cfg(shards), "val", train=False, tokenizer_source=TEXT).take_all()
+            for r in build_dataset(refer, "val", train=False, tokenizer=TOK).take_all()}
+    got = build_dataset(cfg(shards), "val", train=False, tokenizer=TOK).take_all()
     assert len(got) == len(want)
     for row in got:
         ref = want[(int(row["ref_id"]), int(row["sent_id"]))]
@@ -112,7 +113,7 @@ def test_dataset_from_shards_equals_dataset_from_refer_files(ray_session, synthe
 def test_training_from_shards_draws_one_sentence_per_ref(ray_session, synthetic_root, shards):
     refs = {r["ref_id"]: {s["sent_id"] for s in r["sentences"]}
             for r in load_split_refs(synthetic_root, "refcoco", "unc", "train")}
-    ds = build_dataset(cfg(shards), "train", train=True, tokenizer_source=TEXT)
+    ds = build_dataset(cfg(shards), "train", train=True, tokenizer=TOK)
     epochs = []
     for _ in range(2):
         rows = [(int(r), int(s)) for b in ds.iter_batches(batch_format="numpy") for r, s in zip(b["ref_id"], b["sent_id"])]
@@ -120,8 +121,8 @@ def test_training_from_shards_draws_one_sentence_per_ref(ray_session, synthetic_
         assert all(s in refs[r] for r, s in rows)
         epochs.append(dict(rows))
     assert epochs[0] != epochs[1]  # a fresh draw every epoch
-    assert build_dataset(cfg(shards, max_samples=5), "train", train=True, tokenizer_source=TEXT).count() == 5
-    capped = [build_dataset(cfg(shards, max_samples=5), "val", train=False, tokenizer_source=TEXT) for _ in range(2)]
+    assert build_dataset(cfg(shards, max_samples=5), "train", train=True, tokenizer=TOK).count() == 5
+    capped = [build_dataset(cfg(shards, max_samples=5), "val", train=False, tokenizer=TOK) for _ in range(2)]
     keys = [sorted((int(r["ref_id"]), int(r["sent_id"])) for r in ds.take_all()) for ds in capped]
     assert len(keys[0]) == 5 and keys[0] == keys[1]  # the same 5 samples every time
 
@@ -134,16 +135,16 @@ def test_shards_with_only_the_documented_columns_still_work(ray_session, synthet
             table = pq.read_table(f).drop_columns(["sent_index", "ref_sent_ids", "ref_sentences"])
             pq.write_table(table, tmp_path / split / f.name)
     refs = load_split_refs(synthetic_root, "refcoco", "unc", "train")
-    train = build_dataset(cfg(tmp_path), "train", train=True, tokenizer_source=TEXT).take_all()
+    train = build_dataset(cfg(tmp_path), "train", train=True, tokenizer=TOK).take_all()
     assert sorted(int(r["ref_id"]) for r in train) == sorted(r["ref_id"] for r in refs)
-    n_eval = build_dataset(cfg(tmp_path), "train", train=False, tokenizer_source=TEXT).count()
+    n_eval = build_dataset(cfg(tmp_path), "train", train=False, tokenizer=TOK).count()
     assert n_eval == sum(len(r["sentences"]) for r in refs)
 
 
 def test_shuffle_expressions_from_shards(ray_session, synthetic_root, shards):
     own = {r["ref_id"]: {s["sent_id"] for s in r["sentences"]}
            for r in load_split_refs(synthetic_root, "refcoco", "unc", "val")}
-    rows = build_dataset(cfg(shards, shuffle_expressions=True), "val", train=False, tokenizer_source=TEXT).take_all()
+    rows = build_dataset(cfg(shards, shuffle_expressions=True), "val", train=False, tokenizer=TOK).take_all()
     assert len(rows) == sum(len(v) for v in own.values())
     assert all(int(r["sent_id"]) not in own[int(r["ref_id"])] for r in rows)
 
@@ -152,7 +153,7 @@ def test_missing_shards_raise_one_clear_error(ray_session, tmp_path):
     from refseg.data import RefSegDataError
 
     with pytest.raises(RefSegDataError, match="refseg prepare"):
-        build_dataset(cfg(tmp_path), "val", train=False, tokenizer_source=TEXT)
+        build_dataset(cfg(tmp_path), "val", train=False, tokenizer=TOK)
 
 
 @pytest.mark.parametrize("source", ["refer", "parquet"])
@@ -164,13 +165,13 @@ def test_eval_shards_are_disjoint_and_cover_every_sample(ray_session, synthetic_
                                                               max_tokens=TOKENS)
     for max_samples in (None, 9):
         data = dataclasses.replace(base, max_samples=max_samples)
-        full = build_dataset(data, "val", train=False, tokenizer_source=TEXT).take_all()
-        parts = [build_dataset(data, "val", train=False, tokenizer_source=TEXT, shard=(r, 3)).take_all()
+        full = build_dataset(data, "val", train=False, tokenizer=TOK).take_all()
+        parts = [build_dataset(data, "val", train=False, tokenizer=TOK, shard=(r, 3)).take_all()
                  for r in range(3)]
         keys = [(int(x["ref_id"]), int(x["sent_id"])) for part in parts for x in part]
         assert len(keys) == len(set(keys)) and sorted(keys) == sorted((int(x["ref_id"]), int(x["sent_id"])) for x in full)
         assert all(int(x["ref_id"]) % 3 == r for r, part in enumerate(parts) for x in part)
-    empty = build_dataset(base, "val", train=False, tokenizer_source=TEXT, shard=(999_999, 1_000_000))
+    empty = build_dataset(base, "val", train=False, tokenizer=TOK, shard=(999_999, 1_000_000))
     assert empty.take_all() == []
     refs = load_split_refs(synthetic_root, "refcoco", "unc", "train")
     assert count_refs(base, "train") == len(refs)
@@ -180,14 +181,14 @@ def test_eval_shards_are_disjoint_and_cover_every_sample(ray_session, synthetic_
 def test_cache_size_from_shards_matches_the_cache_it_builds(ray_session, shards):
     """data.cache from shards: the object-store check sizes the cache from the light columns (ref_id,
     height, width) without reading image bytes, and gets the numbers of the cache it then builds."""
-    from refseg.data.ray_data import _parquet_cache_size
+    from refseg.data.pipeline import parquet_cache_size
 
-    train = build_dataset(cfg(shards, cache=True, augment=True), "train", train=True, tokenizer_source=TEXT,
+    train = build_dataset(cfg(shards, cache=True, augment=True), "train", train=True, tokenizer=TOK,
                           cache_rows=True).take_all()
-    n, pixels = _parquet_cache_size(str(shards / "train"), None, True, None, True)
+    n, pixels = parquet_cache_size(str(shards / "train"), None, True, None, True)
     assert n == len(train) > 0
     assert pixels == sum(int(r["orig_h"]) * int(r["orig_w"]) for r in train)  # augmented: original pixels
     for shard in [(0, 2), (1, 2)]:
-        part = build_dataset(cfg(shards, cache=True), "val", train=False, tokenizer_source=TEXT, shard=shard,
+        part = build_dataset(cfg(shards, cache=True), "val", train=False, tokenizer=TOK, shard=shard,
                              cache_rows=True).take_all()
-        assert _parquet_cache_size(str(shards / "val"), shard, False, None, False) == (len(part), None)
+        assert parquet_cache_size(str(shards / "val"), shard, False, None, False) == (len(part), None)

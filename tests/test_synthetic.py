@@ -14,16 +14,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from refseg.data.synthetic import (
-    COLORS,
-    IMAGE_SUBDIR,
-    Desc,
-    Obj,
-    ensure_synthetic,
-    make_synthetic,
-    parse_expression,
-    referents,
-)
+from refseg.data.sources.synthetic import IMAGE_SUBDIR, ensure_synthetic, make_synthetic
+from refseg.data.sources.synthetic_expressions import COLORS, Desc, Obj, parse_expression, referents
 
 
 class _NoGlobals(pickle.Unpickler):

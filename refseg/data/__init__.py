@@ -1,9 +1,16 @@
-"""Data: refer-format reader, masks, transforms, synthetic generator, manifests, shards, Ray Data builders.
+"""Data: sources (refer files, manifests, Parquet shards, synthetic) -> ref rows -> decoded samples.
 
-    from refseg.data import load_split, build_dataset, write_shards, read_manifest
+    from refseg.data import load_split, build_dataset, write_shards, read_manifest, SkipReport
+
+- :mod:`refseg.data.sources` -- readers that turn each kind of input into records;
+- :mod:`refseg.data.masks` -- COCO polygons / RLE <-> binary masks;
+- :mod:`refseg.data.skips` -- the report of skipped samples, the exception, every skip reason;
+- :mod:`refseg.data.refs` -- records grouped per ref (capped, shuffled), as an Arrow table;
+- :mod:`refseg.data.transforms` / :mod:`refseg.data.samples` -- decode, augment, tokenise one row;
+- :mod:`refseg.data.pipeline` -- the Ray Data builders; :mod:`refseg.data.cache` -- decode once.
 
 Importing this package does not import Ray: the names below are resolved on first attribute access
-(``build_dataset`` and ``SkipTally`` then import :mod:`refseg.data.ray_data`, which imports ray).
+(``build_dataset`` and ``count_refs`` then import :mod:`refseg.data.pipeline`, which imports ray).
 """
 
 from __future__ import annotations
@@ -12,17 +19,19 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "errors": ["RefSegDataError", "SkipReport"],
-    "refer": ["load_split", "load_split_refs", "read_refs", "split_matches"],
+    "skips": ["RefSegDataError", "SkipReport", "SkipSample"],
+    "sources.refer": ["load_split", "load_split_refs", "read_refs", "split_matches"],
+    "sources.synthetic": ["make_synthetic", "ensure_synthetic"],
+    "sources.manifest": ["read_manifest", "write_manifest", "load_mask_png"],
+    "sources.shards": ["write_shards", "prepare"],
     "masks": ["decode_mask", "encode_rle", "rle_to_mask", "segmentation_problem"],
-    "synthetic": ["make_synthetic", "ensure_synthetic"],
     "transforms": ["load_image", "ImageError", "preprocess", "preprocess_with_meta", "unresize_logits",
                    "random_augment", "hflip_sample", "swap_left_right", "tokenize",
                    "IMAGENET_MEAN", "IMAGENET_STD"],
-    "manifest": ["read_manifest", "write_manifest", "load_mask_png", "read_bytes", "filesystem_and_path"],
-    "shards": ["write_shards", "prepare"],
-    "ray_data": ["build_dataset", "count_refs", "SkipTally", "TokenizerSpec", "tokenizer_spec", "get_tokenizer",
-                 "decode_batch", "derangement", "group_refs", "load_refs", "COLUMNS"],
+    "refs": ["derangement", "group_refs", "load_refs"],
+    "samples": ["COLUMNS", "SampleOptions", "TokenizerSpec", "decode_batch", "fast_tokenizer", "sample_opts",
+                "tokenizer_spec"],
+    "pipeline": ["build_dataset", "count_refs"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)  # noqa: PLE0605

@@ -1,6 +1,6 @@
 """Decode once, iterate many times: the ``data.cache`` stage of :func:`refseg.data.build_dataset`.
 
-    cached = ds.map_batches(cache_batch, fn_args=(opts, tally)).materialize()  # once per run
+    cached = ds.map_batches(cache_batch, fn_args=(opts, report.collector())).materialize()  # once per run
     samples = cached.map_batches(decode_batch, ...)  # every epoch: sentence draw, augment, tokenise
     # training: each worker keeps its shard of `cached` in memory and samples it itself (ShardCache)
 
@@ -10,8 +10,7 @@ dropped and counted here, once per run instead of once per epoch. Without augmen
 the pixels are the content resized to the model's geometry (``resize_geometry``: bilinear image,
 nearest mask), so ``preprocess`` only normalises and pads and the samples are bit-identical to the
 uncached path. Augmented training keeps the original pixels: augmentation and resizing then run
-exactly as when streaming (measured: augmenting the already-resized 96 px content trained markedly
-slower -- val mIoU 0.37 vs 0.53 after 5 epochs, two seeds -- small objects lose their edges).
+exactly as when streaming (augmenting the already-resized content loses small objects' edges).
 
 Memory: 4 bytes per pixel per ref (S x S, or the original size for augmented training) in the object
 store -- RefCOCO's train split would need ~40 GB, so the option is off by default and checked against
@@ -25,7 +24,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from refseg.data.errors import RefSegDataError
+from refseg.data.samples import SampleOptions, decode_batch, fast_tokenizer, load_sample, usable_texts
+from refseg.data.skips import RefSegDataError, SkipReport, SkipSample
+from refseg.data.transforms import resize_geometry, resize_to
 
 
 def cache_bytes(num_refs: int, size: int, original_pixels: float | None = None) -> float:
@@ -43,36 +44,34 @@ def check_fits(need_bytes: float, store_bytes: float, what: str) -> None:
             f"epoch) or lower data.image_size")
 
 
-def keeps_original(opts: dict) -> bool:
+def keeps_original(opts: SampleOptions) -> bool:
     """Augmented training caches the original pixels: augmentation then runs exactly as when streaming."""
-    return bool(opts["train"] and opts["augment"])
+    return opts.train and opts.augment
 
 
-def cache_batch(batch: dict, opts: dict, tally: Any = None) -> dict:
-    """Ref rows -> cache rows (see the module doc); ``opts`` as for ``decode_batch``."""
-    from refseg.data.ray_data import _load_sample, _Skip, _Skips, usable_texts
-    from refseg.data.transforms import resize_geometry, resize_to
-
-    size, skips, original = opts["image_size"], _Skips(), keeps_original(opts)
+def cache_batch(batch: dict, opts: SampleOptions, collector: Any = None) -> dict:
+    """Ref rows -> cache rows (see the module doc); dropped samples are counted in ``collector``
+    (:meth:`refseg.data.skips.SkipReport.collector`) when given."""
+    size, dropped, original = opts.image_size, SkipReport(), keeps_original(opts)
     rows: dict[str, list] = {k: [] for k in ("ref_id", "sent_ids", "sentences", "orig_h", "orig_w", "pixels", "pixel_mask")}
     for i in range(len(batch["ref_id"])):
         ref_id = int(batch["ref_id"][i])
-        good = usable_texts(batch, i, opts, skips)
+        good = usable_texts(batch, i, opts, dropped)
         if not good:
             continue
         try:
-            image, mask, (oh, ow) = _load_sample(batch, i, opts)
-        except _Skip as e:
-            skips.add(e.reason, e.detail, 1 if opts["train"] else len(good))
+            image, mask, (oh, ow) = load_sample(batch, i, opts)
+        except SkipSample as e:
+            dropped.add(e.reason, e.detail, 1 if opts.train else len(good))
             continue
         if not original:  # the content at the model's geometry: preprocess then only normalises and pads
-            rh, rw = resize_geometry(oh, ow, size, opts["keep_aspect"])
+            rh, rw = resize_geometry(oh, ow, size, opts.keep_aspect)
             image, mask = resize_to(image, rh, rw, Image.BILINEAR), resize_to(mask, rh, rw, Image.NEAREST)
         for key, value in (("ref_id", ref_id), ("sent_ids", [s for s, _ in good]),
                            ("sentences", [t for _, t in good]), ("orig_h", oh), ("orig_w", ow),
                            ("pixels", np.ascontiguousarray(image)), ("pixel_mask", np.ascontiguousarray(mask))):
             rows[key].append(value)
-    skips.flush(tally)
+    dropped.send(collector)
     n = len(rows["ref_id"])
     out: dict[str, np.ndarray] = {k: np.asarray(rows[k], np.int64).reshape(n) for k in ("ref_id", "orig_h", "orig_w")}
     for key in ("sent_ids", "sentences", "pixels", "pixel_mask"):  # lists / arrays of varying shape
@@ -88,11 +87,6 @@ def _objects(values: Any) -> np.ndarray:
     return col
 
 
-def cached_sample(batch: dict, i: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-    """Row ``i`` of a cache batch -> (image (h, w, 3) uint8, mask (h, w) uint8, original (H, W))."""
-    return batch["pixels"][i], batch["pixel_mask"][i], (int(batch["orig_h"][i]), int(batch["orig_w"][i]))
-
-
 class ShardCache:
     """Training with ``data.cache``: this worker's cache rows, pulled once from its Ray Data shard and
     kept in process memory; every epoch draws a new row order, sentences and augmentation in-process.
@@ -102,15 +96,15 @@ class ShardCache:
             ...
 
     Why not stream the cached set every epoch: each streamed epoch starts a Ray Data execution whose map
-    tasks, split coordinator and prefetch threads compete with the training processes for the CPU
-    (debug config on 2 cores: ~29 s per epoch streamed, ~20 s from this cache, same samples)."""
+    tasks, split coordinator and prefetch threads compete with the training processes for the CPU.
+    ``tokenizer``: a loaded tokenizer or a TokenizerSpec."""
 
-    def __init__(self, batches: Any, tokenizer: Any, opts: dict) -> None:
+    def __init__(self, batches: Any, tokenizer: Any, opts: SampleOptions) -> None:
         parts = [b for b in batches if len(b["ref_id"])]
         # Ray Data hands equal-shaped images as one ndarray and ragged ones as an object array
         self.rows = {k: np.concatenate([p[k] if p[k].ndim == 1 else _objects(p[k]) for p in parts])
                      for k in parts[0]} if parts else {}
-        self.tokenizer, self.opts = tokenizer, opts
+        self.tokenizer, self.opts = fast_tokenizer(tokenizer), opts
         self.rng = np.random.default_rng()  # OS entropy, like the streamed path's per-epoch draws
 
     def __len__(self) -> int:
@@ -118,8 +112,6 @@ class ShardCache:
 
     def epoch(self, batch_size: int, num_batches: int | None = None) -> Any:
         """Yield ``num_batches`` (default: all full) batches of ``batch_size`` samples in a new order."""
-        from refseg.data.ray_data import decode_batch
-
         order = self.rng.permutation(len(self))
         full = len(self) // batch_size
         for b in range(full if num_batches is None else min(num_batches, full)):
@@ -137,9 +129,9 @@ class KeptBatches:
         val = KeptBatches(lambda: shard.iter_batches(batch_size=32, batch_format="numpy"), 2**30)
         for batch in val: ...  # epoch 2: streamed and kept; epoch 4, 6, ...: replayed
 
-    Used for validation during training: on the debug config a streamed pass took ~4.5 s of which ~1 s
-    is the forward; the rest was starting the execution and its map tasks. RefCOCO's val split at 480 px
-    (~3.7 MB per decoded sample) is far over any sensible limit and keeps streaming."""
+    Used for validation during training, where starting a streamed execution and its map tasks costs
+    more than the forward pass on small splits. RefCOCO's val split at 480 px (~3.7 MB per decoded
+    sample) is far over any sensible limit and keeps streaming."""
 
     def __init__(self, make_batches: Any, limit_bytes: float) -> None:
         self.make_batches, self.limit = make_batches, limit_bytes

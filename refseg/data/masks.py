@@ -4,9 +4,10 @@
     rle = encode_rle(mask)                          # {"size": [H, W], "counts": str}, JSON-safe
     assert (rle_to_mask(rle) == mask).all()
 
-A segmentation is either a list of polygons (each a flat ``[x1, y1, x2, y2, ...]`` in pixels) or an
-RLE dict ``{"size": [H, W], "counts": str | bytes | list[int]}`` (compressed or uncompressed).
-Like refer's ``getMask``, polygon parts are rasterised by pycocotools and united (overlaps stay 1).
+A segmentation is a list of polygons (each a flat ``[x1, y1, x2, y2, ...]`` in pixels), an RLE dict
+``{"size": [H, W], "counts": str | bytes | list[int]}`` (compressed or uncompressed), or a list of
+such RLE dicts (one object in several parts). Like refer's ``getMask`` (pycocotools ``decode``, summed
+over the parts), polygon and RLE parts are rasterised by pycocotools and united (overlaps stay 1).
 """
 
 from __future__ import annotations
@@ -18,12 +19,18 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from refseg.data.skips import INVALID_SEGMENTATION, ZERO_AREA
+
 Segmentation = Any  # list[list[float]] | dict
 MIN_POLYGON_AREA = 1e-6  # px^2; below this a polygon is degenerate (collinear up to float rounding)
 
 
 def _is_rle(seg: Any) -> bool:
     return isinstance(seg, dict) and "counts" in seg
+
+
+def _is_rle_list(seg: Any) -> bool:
+    return isinstance(seg, list) and bool(seg) and all(_is_rle(p) for p in seg)
 
 
 def _polygon_parts(seg: list) -> list[list[float]]:
@@ -35,7 +42,12 @@ def _polygon_parts(seg: list) -> list[list[float]]:
 
 
 def _to_rle(seg: Segmentation, height: int | None, width: int | None) -> dict:
-    """One compressed RLE (counts bytes) for polygons, compressed or uncompressed RLE."""
+    """One compressed RLE (counts bytes) for polygons, an RLE dict or a list of RLE dicts."""
+    if _is_rle_list(seg):
+        rles = [_to_rle(part, height, width) for part in seg]
+        if len({tuple(r["size"]) for r in rles}) != 1:
+            raise ValueError(f"the RLE parts of a segmentation differ in size: {[r['size'] for r in rles]}")
+        return mask_utils.merge(rles)  # union of the parts (refer: sum over parts, then > 0)
     if _is_rle(seg):
         h, w = (int(v) for v in seg["size"])
         counts = seg["counts"]
@@ -68,8 +80,6 @@ def decode_mask(
         width = seg.get("width", width) if width is None else width
         seg = seg["segmentation"]
     mask = mask_utils.decode(_to_rle(seg, height, width))  # (H, W) uint8
-    if mask.ndim == 3:  # defensive: some pycocotools paths return (H, W, N)
-        mask = mask.max(axis=2)
     return (mask > 0).astype(np.uint8)
 
 
@@ -99,43 +109,44 @@ def _shoelace(poly: list[float]) -> float:
 
 
 def segmentation_problem(seg: Any, height: int | None = None, width: int | None = None) -> str | None:
-    """Why ``seg`` cannot be used (``"invalid segmentation"`` / ``"zero-area segmentation"``), or None.
+    """Why ``seg`` cannot be used (:data:`INVALID_SEGMENTATION` / :data:`ZERO_AREA`), or None.
 
     Polygons: invalid when not a list of numeric lists, when any coordinate is non-finite, or when
     no part has at least 3 points; zero-area when the parts' shoelace areas sum to at most
     ``MIN_POLYGON_AREA`` (cheap: no rasterisation, so a sliver may still cover no pixel).
-    RLE: invalid when size/counts are malformed or the size disagrees with
-    ``height``/``width``; zero-area when it has no foreground pixel."""
-    if _is_rle(seg):
+    RLE (a dict or a list of dicts): invalid when a size/counts is malformed or a size disagrees
+    with ``height``/``width`` or with another part; zero-area when it has no foreground pixel."""
+    if _is_rle(seg) or _is_rle_list(seg):
         try:
-            h, w = (int(v) for v in seg["size"])
-            if (height is not None and h != int(height)) or (width is not None and w != int(width)):
-                return "invalid segmentation"
-            if not isinstance(seg["counts"], (str, bytes, list)):
-                return "invalid segmentation"
+            for part in seg if isinstance(seg, list) else [seg]:
+                h, w = (int(v) for v in part["size"])
+                if (height is not None and h != int(height)) or (width is not None and w != int(width)):
+                    return INVALID_SEGMENTATION
+                if not isinstance(part["counts"], (str, bytes, list)):
+                    return INVALID_SEGMENTATION
             area = mask_area(seg)
         except (TypeError, ValueError, KeyError):
-            return "invalid segmentation"
-        return None if area > 0 else "zero-area segmentation"
+            return INVALID_SEGMENTATION
+        return None if area > 0 else ZERO_AREA
     if not isinstance(seg, list) or not seg:
-        return "invalid segmentation"
+        return INVALID_SEGMENTATION
     area = 0.0
     usable = 0
     for part in seg:
         if not isinstance(part, (list, tuple)):
-            return "invalid segmentation"
+            return INVALID_SEGMENTATION
         try:
             part = [float(v) for v in part]
         except (TypeError, ValueError):
-            return "invalid segmentation"
+            return INVALID_SEGMENTATION
         if not math.isfinite(sum(part)):  # any nan / inf (or absurdly large) coordinate
-            return "invalid segmentation"
+            return INVALID_SEGMENTATION
         if len(part) >= 6 and len(part) % 2 == 0:
             usable += 1
             area += _shoelace(part)
     if not usable:
-        return "invalid segmentation"
-    return None if area > MIN_POLYGON_AREA else "zero-area segmentation"
+        return INVALID_SEGMENTATION
+    return None if area > MIN_POLYGON_AREA else ZERO_AREA
 
 
 def polygon_area_ok(seg: Any, height: int | None = None, width: int | None = None) -> bool:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from refseg.data.errors import RefSegDataError
+from refseg.data.skips import RefSegDataError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -84,7 +84,7 @@ def _scale_to_uint8(a: np.ndarray, sixteen_bit: bool) -> np.ndarray:
     return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 
-def _to_rgb(img: Image.Image) -> np.ndarray:
+def pil_to_rgb(img: Image.Image) -> np.ndarray:
     """Any PIL mode -> (H, W, 3) uint8 RGB."""
     mode = img.mode
     if mode == "P":
@@ -125,7 +125,7 @@ def load_image(src: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS, *,
             img.load()
             if exif:
                 img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            return pil_to_rgb(img)
     except ImageError:
         raise
     except Image.DecompressionBombError:

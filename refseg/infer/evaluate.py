@@ -12,8 +12,8 @@ LAVT's convention (GT resized NEAREST to the training resolution, prediction at 
 Outputs in ``output``: metrics.json, per_sample.jsonl (sorted by ref_id, sent_id) and, with
 ``save_masks``, masks/<ref_id>_<sent_id>.png (255 = object, original size).
 
-The Ray glue shared with ``refseg segment`` lives here too: :func:`start_ray`, :func:`actor_options`,
-:func:`ship_checkpoint` and :func:`predictor_from_box`.
+A sample whose image or mask cannot be used is counted in ``metrics.json["skipped"]`` under its
+:mod:`refseg.data.skips` reason, never scored.
 """
 
 from __future__ import annotations
@@ -21,93 +21,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from refseg.config import ConfigError
+from refseg.data.skips import INVALID_SEGMENTATION, SIZE_MISMATCH, UNREADABLE_IMAGE, SkipSample
+from refseg.infer.batch import actor_pool, check_batch_args, predictor_from_box, ship_checkpoint
+from refseg.io import write_text_atomic
+from refseg.runtime import init_ray
 
 log = logging.getLogger("refseg.infer")
 
-UNREADABLE_IMAGE = "unreadable image"
-SIZE_MISMATCH = "mask/image size mismatch"
-INVALID_MASK = "invalid segmentation"
 AREA_COLUMNS = ("intersection", "union", "pred_area", "gt_area")
 
 
-# ----------------------------------------------------------------------------- Ray glue (shared)
-def start_ray(address: str | None = None) -> None:
-    """Attach to ``address`` / $RAY_ADDRESS (e.g. inside ``ray job submit``), else start a local
-    instance; a no-op when Ray is already initialised (the same helper the training driver uses)."""
-    from refseg.train.driver import init_ray
-
-    init_ray(address)
-
-
-def actor_options(workers: int) -> dict:
-    """Resources per inference actor: one GPU when the cluster has GPUs, else one CPU. Refuses a pool
-    the cluster cannot hold (Ray Data would wait for the missing actors forever)."""
-    import ray
-
-    if workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {workers}")
-    res = ray.cluster_resources()
-    gpus, cpus = res.get("GPU", 0.0), res.get("CPU", 0.0)
-    if gpus >= 1:
-        if workers > gpus:
-            raise ConfigError(f"--workers {workers} needs {workers} GPUs (one per actor) but the cluster has "
-                              f"{gpus:g}; lower --workers")
-        return {"num_gpus": 1, "num_cpus": 1 if cpus >= 2 * workers else 0}
-    if workers > cpus:
-        raise ConfigError(f"--workers {workers} needs {workers} CPUs (one per actor) but the cluster has "
-                          f"{cpus:g}; lower --workers")
-    return {"num_cpus": 1}
-
-
-def ship_checkpoint(checkpoint: str | os.PathLike) -> tuple[list, Any]:
-    """Put the model.pt bytes in the object store (actors on other nodes need no shared disk).
-
-    Returns ([ObjectRef], the checkpoint's Config). A DeepSpeed dir is consolidated first."""
-    import ray
-
-    from refseg.infer.predictor import load_checkpoint_model, resolve_checkpoint
-
-    with tempfile.TemporaryDirectory(prefix="refseg-ckpt-") as tmp:
-        model_pt = resolve_checkpoint(checkpoint, tmp)
-        _, cfg = load_checkpoint_model(model_pt, "cpu")  # validates the file before any actor starts
-        box = [ray.put(model_pt.read_bytes())]
-    return box, cfg
-
-
-def predictor_from_box(box: list, compile: bool = False) -> Any:
-    """Inside an actor: the Predictor for the model.pt bytes in ``box`` (CUDA when visible)."""
-    import ray
-    import torch
-
-    from refseg.infer.predictor import Predictor
-
-    data = ray.get(box[0])
-    with tempfile.TemporaryDirectory(prefix="refseg-actor-") as tmp:
-        path = Path(tmp) / "model.pt"
-        path.write_bytes(data)
-        return Predictor.from_checkpoint(path, "cuda" if torch.cuda.is_available() else "cpu", compile=compile)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- the actor
-def _drafted(orig: tuple[int, int], got: tuple[int, int]) -> bool:
-    """Is ``got`` the original size or a JPEG draft (1/2, 1/4, 1/8, rounded up) of it?"""
-    return any(got == (-(-orig[0] // f), -(-orig[1] // f)) for f in (1, 2, 4, 8))
-
-
 class EvalActor:
     """Ray Data callable class: a batch of records -> per-sample areas (see the module docstring)."""
 
@@ -118,20 +48,21 @@ class EvalActor:
         self.masks_dir = Path(masks_dir) if masks_dir else None
 
     def _load(self, batch: dict, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(image (h, w, 3) uint8, GT (H, W) uint8); raises _Bad."""
+        """(image (h, w, 3) uint8, GT (H, W) uint8); raises SkipSample."""
         from refseg.data.masks import decode_mask
+        from refseg.data.samples import is_draft_size
         from refseg.data.transforms import ImageError, load_image
 
         try:
             gt = decode_mask(json.loads(str(batch["seg_json"][i])), int(batch["height"][i]), int(batch["width"][i]))
         except (ValueError, TypeError, KeyError) as e:
-            raise _Bad(INVALID_MASK, str(e)) from None
+            raise SkipSample(INVALID_SEGMENTATION, str(e)) from None
         try:  # COCO masks live on the stored pixel grid: no EXIF rotation; JPEG draft like training
             image = load_image(str(batch["image_path"][i]), target_size=self.predictor.image_size, exif=False)
         except (ImageError, OSError) as e:
-            raise _Bad(UNREADABLE_IMAGE, str(e)) from None
-        if not _drafted(gt.shape, image.shape[:2]):
-            raise _Bad(SIZE_MISMATCH, f"{batch['image_path'][i]}: image {image.shape[:2]}, mask {gt.shape}")
+            raise SkipSample(UNREADABLE_IMAGE, str(e)) from None
+        if not is_draft_size(gt.shape, image.shape[:2]):
+            raise SkipSample(SIZE_MISMATCH, f"{batch['image_path'][i]}: image {image.shape[:2]}, mask {gt.shape}")
         return image, gt
 
     def __call__(self, batch: dict) -> dict:
@@ -146,7 +77,7 @@ class EvalActor:
         for i in range(n):
             try:
                 image, gt = self._load(batch, i)
-            except _Bad as e:
+            except SkipSample as e:
                 reasons[i] = e.reason
                 log.warning("skipping ref %s sent %s: %s", batch["ref_id"][i], batch["sent_id"][i], e.detail)
                 continue
@@ -178,38 +109,12 @@ class EvalActor:
         cols[f"gt_area{suffix}"][i] = np.count_nonzero(gt)
 
 
-class _Bad(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(reason, detail)
-        self.reason, self.detail = reason, detail
-
-
 # ----------------------------------------------------------------------------- the driver
 def _items(records: list[dict]) -> list[dict]:
     """Arrow-friendly rows (the segmentation, polygons or RLE, travels as a JSON string)."""
     return [{"ref_id": int(r["ref_id"]), "sent_id": int(r["sent_id"]), "image_path": str(r["image_path"]),
              "sentence": str(r["sentence"]), "height": int(r["height"]), "width": int(r["width"]),
              "seg_json": json.dumps(r["segmentation"])} for r in records]
-
-
-def batch_blocks(items: list[dict], batch_size: int) -> list:
-    """Arrow tables of exactly ``batch_size`` rows (the last may be short), one Ray Data block each.
-
-    With ``map_batches(batch_size=batch_size)`` every batch is then one whole block, so batches (and
-    results) do not depend on the number of actors; Ray Data refuses ``batch_size=None`` for GPU
-    actors, which is why the size is explicit."""
-    import pyarrow as pa
-
-    return [pa.Table.from_pylist(items[i: i + batch_size]) for i in range(0, len(items), batch_size)]
-
-
-def _check_args(workers: int, batch_size: int, threshold: float) -> None:
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    if not 0.0 < threshold < 1.0:
-        raise ConfigError(f"--threshold must lie strictly between 0 and 1, got {threshold}")
-    if workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {workers}")
 
 
 def _metrics(rows: dict, suffix: str) -> dict:
@@ -224,15 +129,9 @@ def _metrics(rows: dict, suffix: str) -> dict:
 def run_eval_pipeline(records: list[dict], box: list, *, workers: int, batch_size: int, threshold: float,
                       at_train_res: bool, masks_dir: Path | None, compile: bool = False) -> dict:
     """Ray Data: records -> EvalActor pool -> columns of all samples, sorted by (ref_id, sent_id)."""
-    import ray
-    import ray.data
-
-    opts = actor_options(workers)
-    ds = ray.data.from_arrow(batch_blocks(_items(records), batch_size))
-    ds = ds.map_batches(EvalActor, batch_size=batch_size, batch_format="numpy",
-                        fn_constructor_kwargs={"box": box, "threshold": threshold, "at_train_res": at_train_res,
-                                               "masks_dir": str(masks_dir) if masks_dir else None, "compile": compile},
-                        compute=ray.data.ActorPoolStrategy(size=workers), **opts)
+    kwargs = {"box": box, "threshold": threshold, "at_train_res": at_train_res,
+              "masks_dir": str(masks_dir) if masks_dir else None, "compile": compile}
+    ds = actor_pool(EvalActor, _items(records), kwargs, workers=workers, batch_size=batch_size)
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     cols = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]} if parts else {}
     order = np.lexsort((cols["sent_id"], cols["ref_id"]))
@@ -244,21 +143,22 @@ def evaluate(checkpoint: str | os.PathLike, data_root: str | os.PathLike, datase
              threshold: float = 0.5, save_masks: bool = False, at_train_res: bool = False,
              output: str | os.PathLike, address: str | None = None, compile: bool = False) -> dict:
     """Score ``checkpoint`` on every (ref, sentence) of ``split``; writes and returns metrics.json."""
-    from refseg.data.errors import RefSegDataError, SkipReport
-    from refseg.data.refer import load_split
+    from refseg.data.skips import RefSegDataError, SkipReport
+    from refseg.data.sources.refer import check_data_root, load_split
 
-    _check_args(workers, batch_size, threshold)
     t0 = time.time()
-    out = Path(output).expanduser().resolve()
     report = SkipReport()
     try:
+        check_batch_args(checkpoint, output, workers, batch_size, threshold)
+        check_data_root(data_root, dataset, split_by, image_dir)
         records = load_split(data_root, dataset, split_by, split, image_dir=image_dir, report=report)
     except RefSegDataError as e:
         raise ConfigError(str(e)) from None
+    out = Path(output).expanduser().resolve()
     if not records:
         raise ConfigError(f"{dataset}({split_by}) split '{split}' under '{data_root}' has no usable samples; "
                           f"check --split and --data-root ({report.summary()})")
-    start_ray(address)
+    init_ray(address)
     box, cfg = ship_checkpoint(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     masks_dir = out / "masks" if save_masks else None
@@ -267,20 +167,19 @@ def evaluate(checkpoint: str | os.PathLike, data_root: str | os.PathLike, datase
     cols = run_eval_pipeline(records, box, workers=workers, batch_size=batch_size, threshold=threshold,
                              at_train_res=at_train_res, masks_dir=masks_dir, compile=compile)
 
-    skipped = dict(report.counts)
-    for reason in cols["reason"]:
+    for reason in cols["reason"]:  # samples the actors could not use
         if reason:
-            skipped[str(reason)] = skipped.get(str(reason), 0) + 1
+            report.add(str(reason))
     metrics = {**_metrics(cols, ""), "resolution": "original", "threshold": threshold,
                "checkpoint": str(checkpoint), "dataset": dataset, "split_by": split_by, "split": split}
     if at_train_res:
         size = cfg.data.image_size
         metrics["at_train_res"] = {**_metrics(cols, "_tr"),
                                    "resolution": f"train ({size}x{size}, GT resized nearest)"}
-    metrics["skipped"] = skipped
+    metrics["skipped"] = dict(report.counts)
     metrics["wall_s"] = round(time.time() - t0, 2)
     _write_per_sample(out / "per_sample.jsonl", cols, {(r["ref_id"], r["sent_id"]): r["sentence"] for r in records})
-    write_atomic(out / "metrics.json", json.dumps(metrics, indent=1, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1, ensure_ascii=False) + "\n")
     return metrics
 
 
@@ -294,7 +193,7 @@ def _write_per_sample(path: Path, cols: dict, sentences: dict) -> None:
         lines.append(json.dumps({"ref_id": key[0], "sent_id": key[1], "sentence": sentences[key],
                                  "intersection": inter, "union": union, "iou": inter / union if union else 0.0},
                                 ensure_ascii=False) + "\n")
-    write_atomic(path, "".join(lines))
+    write_text_atomic(path, "".join(lines))
 
 
 def format_summary(m: dict) -> str:

@@ -23,6 +23,7 @@ from typing import Any, Union
 import numpy as np
 
 from refseg.config import Config, ConfigError, config_from_dict
+from refseg.infer.preflight import MODEL_FILE, checkpoint_form_error, is_deepspeed_dir
 
 ImageLike = Union[str, os.PathLike, bytes, np.ndarray, "PIL.Image.Image"]  # noqa: F821
 
@@ -37,30 +38,20 @@ class Prediction:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def _is_deepspeed_dir(path: Path) -> bool:
-    from refseg.train.report import CKPT_TAG
-
-    return (path / "config.yaml").is_file() and (path / CKPT_TAG).is_dir()
-
-
 def resolve_checkpoint(path: str | os.PathLike, workdir: str | os.PathLike | None = None) -> Path:
     """The ``model.pt`` behind ``path``: the file itself, ``<dir>/model.pt``, or a DeepSpeed checkpoint
     dir (config.yaml + ckpt/) consolidated into ``<workdir or a temp dir>/model.pt``."""
     p = Path(path).expanduser()
     if p.is_file():
         return p
-    if p.is_dir() and (p / "model.pt").is_file():
-        return p / "model.pt"
-    if p.is_dir() and _is_deepspeed_dir(p):
-        from refseg.train.report import export_checkpoint
+    if p.is_dir() and (p / MODEL_FILE).is_file():
+        return p / MODEL_FILE
+    if p.is_dir() and is_deepspeed_dir(p):
+        from refseg.train.checkpoint import export_checkpoint
 
-        out = Path(workdir or tempfile.mkdtemp(prefix="refseg-ckpt-")) / "model.pt"
+        out = Path(workdir or tempfile.mkdtemp(prefix="refseg-ckpt-")) / MODEL_FILE
         return export_checkpoint(p, out)
-    if not p.exists():
-        raise ConfigError(f"checkpoint '{p}' does not exist; pass a model.pt, a training output dir "
-                          "or a DeepSpeed checkpoint dir")
-    raise ConfigError(f"checkpoint '{p}' is neither a model.pt, a directory holding model.pt, nor a "
-                      "DeepSpeed checkpoint dir (config.yaml + ckpt/); pass one of those")
+    raise checkpoint_form_error(p)
 
 
 def _full_config(saved: dict, model: Any) -> Config:
@@ -99,8 +90,8 @@ def to_rgb(image: ImageLike, *, exif: bool = True) -> np.ndarray:
     mode rules (EXIF orientation applied like for a path); arrays may be (H, W), (H, W, 1|3|4) uint8."""
     from PIL import Image, ImageOps
 
-    from refseg.data.manifest import is_uri, read_bytes
-    from refseg.data.transforms import ImageError, _to_rgb, load_image
+    from refseg.data.transforms import ImageError, load_image, pil_to_rgb
+    from refseg.io import is_uri, read_bytes
 
     if isinstance(image, (str, os.PathLike)):
         src = os.fspath(image)
@@ -113,7 +104,7 @@ def to_rgb(image: ImageLike, *, exif: bool = True) -> np.ndarray:
     if isinstance(image, (bytes, bytearray, memoryview)):
         return load_image(bytes(image), exif=exif)
     if isinstance(image, Image.Image):
-        return _to_rgb(ImageOps.exif_transpose(image) if exif else image)
+        return pil_to_rgb(ImageOps.exif_transpose(image) if exif else image)
     a = np.asarray(image)
     if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (1, 3, 4))):
         raise ImageError(f"an image array must be (H, W) or (H, W, 1|3|4) uint8, got {a.shape} {a.dtype}")
@@ -121,7 +112,7 @@ def to_rgb(image: ImageLike, *, exif: bool = True) -> np.ndarray:
         return np.ascontiguousarray(a)
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
-    return _to_rgb(Image.fromarray(np.ascontiguousarray(a)))  # (H, W) -> L, (H, W, 4) -> RGBA
+    return pil_to_rgb(Image.fromarray(np.ascontiguousarray(a)))  # (H, W) -> L, (H, W, 4) -> RGBA
 
 
 # ----------------------------------------------------------------------------- predictor
@@ -138,15 +129,14 @@ class Predictor:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.model = model.to(self.device).eval()
-        if self.cuda:  # bf16 weights, as DeepSpeed trains them: 1.4x the images/s of fp32 + autocast (H200)
+        if self.cuda:  # bf16 weights in channels-last layout, as DeepSpeed trains them
             self.model = self.model.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
-        # torch.compile: ~1 min on the first batch; the R101 predictor then ran 1.8x faster on an H200 (bench/gpu.py)
+        # torch.compile: compiles on the first batch (about a minute), then runs faster
         self._run = torch.compile(self.model) if compile else self.model
         self.tokenizer = tokenizer
         self.image_size, self.keep_aspect, self.max_tokens = int(image_size), bool(keep_aspect), int(max_tokens)
         self.config = config
-        # CUDA: the float32 batch travels through one reused page-locked buffer (H200, batch of 64 at
-        # 480 px: 4.2 ms instead of 20 ms for a copy from pageable memory, bench/gpu.py "h2d_*" rows)
+        # CUDA: the float32 batch travels through one reused page-locked buffer (an asynchronous copy)
         self.pin = self.cuda
         self._staging = None
 

@@ -35,6 +35,11 @@ from typing import Any
 import numpy as np
 
 from refseg.config import ConfigError
+from refseg.infer.batch import actor_pool, check_batch_args, predictor_from_box, ship_checkpoint
+from refseg.infer.predictor import to_rgb
+from refseg.infer.visualize import mask_png, overlay, save_png
+from refseg.io import is_uri, resolve_path, write_text_atomic
+from refseg.runtime import init_ray
 
 log = logging.getLogger("refseg.infer")
 
@@ -123,8 +128,6 @@ def _csv_rows(path: Path, errors: list) -> Iterator[tuple[int, Any]]:
 def read_requests(path: str | os.PathLike, done: set[str]) -> tuple[list[dict], list[dict], int]:
     """Validate the manifest: (good rows {line, id, image (resolved), image_given, text}, error rows,
     number of rows skipped because their id is already in ``done``)."""
-    from refseg.data.manifest import resolve_path
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"manifest '{path}' does not exist or is not a file; pass a .jsonl or .csv file")
@@ -165,7 +168,7 @@ def read_requests(path: str | os.PathLike, done: set[str]) -> tuple[list[dict], 
     return good, errors, skipped
 
 
-def _done_ids(results: Path) -> set[str]:
+def done_ids(results: Path) -> set[str]:
     """ids already in results.jsonl (unparsable lines, e.g. a torn last line, are ignored)."""
     done: set[str] = set()
     if results.is_file():
@@ -182,22 +185,17 @@ class SegmentActor:
     """Ray Data callable class: rows {line, id, image, text} -> masks on disk + one result per row."""
 
     def __init__(self, box: list, threshold: float, out: str, overlays: bool, compile: bool = False) -> None:
-        from refseg.infer.evaluate import predictor_from_box
-
         self.predictor = predictor_from_box(box, compile)
         self.threshold, self.out, self.overlays = threshold, Path(out), overlays
 
     def __call__(self, batch: dict) -> dict:
-        from refseg.infer.predictor import to_rgb
-        from refseg.infer.visualize import mask_png, overlay, save_png
-
         p, n = self.predictor, len(batch["id"])
         res = {"reason": [""] * n, "mask": [""] * n, "mask_area": np.zeros(n, np.int64),
                "mean_prob": np.zeros(n, np.float64), "height": np.zeros(n, np.int64), "width": np.zeros(n, np.int64)}
         good, images, xs, metas = [], [], [], []
         for i in range(n):
             src = str(batch["image"][i])
-            if "://" not in src and not os.path.lexists(src):
+            if not is_uri(src) and not os.path.lexists(src):
                 res["reason"][i] = (f"image file '{src}' does not exist; check the row's image path (relative "
                                     "paths are resolved against the manifest's directory)")
                 continue
@@ -288,40 +286,23 @@ def segment(checkpoint: str | os.PathLike, manifest: str | os.PathLike, output: 
             address: str | None = None, compile: bool = False) -> dict:
     """Segment every manifest row into ``output`` (see the module docstring); returns a summary with
     ``exit_code`` 0 (every row succeeded) or 3 (some rows are in errors.jsonl)."""
-    from refseg.infer.evaluate import actor_options, batch_blocks, ship_checkpoint, start_ray, write_atomic
-
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    if not 0.0 < threshold < 1.0:
-        raise ConfigError(f"--threshold must lie strictly between 0 and 1, got {threshold}")
-    if "://" in str(output):
-        raise ConfigError(f"--output '{output}' must be a local directory (masks are written atomically there)")
-    if not Path(checkpoint).expanduser().exists():
-        raise ConfigError(f"checkpoint '{checkpoint}' does not exist; pass a model.pt, a training output dir "
-                          "or a DeepSpeed checkpoint dir")
+    check_batch_args(checkpoint, output, workers, batch_size, threshold)
     t0 = time.time()
     out = Path(output).expanduser().resolve()
-    good, errors, already = read_requests(manifest, _done_ids(out / "results.jsonl"))
+    good, errors, already = read_requests(manifest, done_ids(out / "results.jsonl"))
     for sub in ("masks", "overlays") if overlays else ("masks",):
         (out / sub).mkdir(parents=True, exist_ok=True)
     ok, steady_from = 0, None
     if good:
-        import ray
-        import ray.data
-
-        start_ray(address)
-        opts = actor_options(workers)
+        init_ray(address)
         box, _ = ship_checkpoint(checkpoint)
         rows = [{k: r[k] for k in ("line", "id", "image", "text")} for r in good]
-        ds = ray.data.from_arrow(batch_blocks(rows, batch_size))
-        ds = ds.map_batches(SegmentActor, batch_size=batch_size, batch_format="numpy",
-                            fn_constructor_kwargs={"box": box, "threshold": threshold, "out": str(out),
-                                                   "overlays": overlays, "compile": compile},
-                            compute=ray.data.ActorPoolStrategy(size=workers), **opts)
+        kwargs = {"box": box, "threshold": threshold, "out": str(out), "overlays": overlays, "compile": compile}
+        ds = actor_pool(SegmentActor, rows, kwargs, workers=workers, batch_size=batch_size)
         ok, failed, steady_from = _collect(ds, out / "results.jsonl", good, workers)
         errors += failed
     errors.sort(key=lambda e: e["line"])
-    write_atomic(out / "errors.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
+    write_text_atomic(out / "errors.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
     end = time.time()
     steady = None  # rows finished after every actor was up, per second (start-up and model load excluded)
     if steady_from is not None and end > steady_from[0] and len(good) > steady_from[1]:

@@ -3,33 +3,29 @@
     overlay(image (H,W,3) uint8, mask (H,W) bool) -> (H,W,3) uint8     red tint + outline on the mask
     heatmap(attn (h,w) in [0,1], (H, W)) -> (H,W,3) uint8                 jet colours, bilinear upsampling
     save_visualization(image, mask, attn, text, "out.png")               overlay | heat map + caption
-    save_png(array, "mask.png")                                          atomic (tmp + os.replace)
+    save_png(array, "mask.png")                                          atomic (refseg.io.atomic_path)
 """
 
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from refseg.io import atomic_path
 
 MASK_COLOR = np.array([255, 40, 40], np.float32)
 ALPHA = 0.5
 
 
 def save_png(array_or_image: np.ndarray | Image.Image, path: str | os.PathLike) -> Path:
-    """Write a PNG atomically: a unique temp file in the same directory, then os.replace."""
+    """Write a PNG atomically (see :func:`refseg.io.atomic_path`); returns ``path``."""
     path = Path(path)
     img = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from refseg import __version__
 from refseg.config import ConfigError, ModelConfig, config_from_dict
+from refseg.io import atomic_path
 from refseg.models.refseg_model import RefSegModel, build_model
 
 
@@ -27,9 +28,7 @@ def model_config_from_dict(d: dict) -> ModelConfig:
 
 
 def save_model(path: str | Path, model: RefSegModel, config: dict) -> Path:
-    """Write the model (fp32 state dict + its ModelConfig + ``config``) atomically (tmp + os.replace)."""
-    from refseg import __version__
-
+    """Write the model (fp32 state dict + its ModelConfig + ``config``) atomically."""
     if model.config is None:
         raise ValueError("save_model needs a model built by build_model (model.config is None).")
     path = Path(path)
@@ -44,9 +43,8 @@ def save_model(path: str | Path, model: RefSegModel, config: dict) -> Path:
         "encoder_config": bert_config.to_dict() if bert_config is not None else None,
         "state_dict": state,
     }
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from refseg.config import ModelConfig
+from refseg.config.presets import preset_config
 from refseg.models.decoder import Decoder
 from refseg.models.fusion import Fusion
-from refseg.models.presets import preset_config
 from refseg.models.text import TextEncoder, build_bert
 from refseg.models.vision import VisionEncoder
 

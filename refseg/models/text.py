@@ -1,5 +1,7 @@
-"""Language encoder: a BERT-family transformer followed by a packed BiLSTM.
+"""The text side: tokenizers (the bundled tiny vocab, WordPiece files, Hugging Face) and the language
+encoder, a BERT-family transformer followed by a packed BiLSTM.
 
+    tok = load_tokenizer(cfg.model.text)   # "builtin:tiny_vocab", a vocab .txt, or a hub name / local dir
     enc = TextEncoder(build_bert("bert-base-uncased", None, pretrained=True), lstm_hidden=128, dim=256)
     words, sentence = enc(input_ids, attention_mask)   # (B, L, 256) zero at padding, (B, 256)
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +22,20 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from refseg.config import TextConfig
-from refseg.models.presets import TINY_TOKENIZER, read_vocab, tiny_vocab_path
+from refseg.config import TINY_TOKENIZER, TextConfig
 
 _MINIATURE = re.compile(r"bert_uncased_L-(\d+)_H-(\d+)_A-(\d+)$")  # google/bert_uncased_L-*_H-*_A-*
+
+
+def tiny_vocab_path() -> Path:
+    """Path of the bundled WordPiece vocabulary (one token per line; [PAD]=0), selected by TINY_TOKENIZER."""
+    return Path(str(resources.files("refseg.models") / "assets" / "tiny_vocab.txt"))
+
+
+def read_vocab(path: str | Path) -> dict[str, int]:
+    """WordPiece vocab file -> {token: id} (id = line number)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return {tok: i for i, tok in enumerate(lines) if tok}
 
 
 def _tokenizer_from_vocab(path: Path, max_length: int = 128) -> Any:
@@ -99,8 +112,8 @@ def _in_hub_cache(name: str, files: tuple[str, ...]) -> bool:
 def check_text_sources(text_cfg: TextConfig) -> None:
     """Raise a one-sentence ValueError when the tokenizer or the pretrained encoder of ``text_cfg`` is
     a hub name that is neither a local directory nor in the local Hugging Face cache while the hub
-    cannot be reached (air-gapped machine, HF_HUB_OFFLINE=1). Without this check the driver and every
-    worker retry the download for about a minute each before failing."""
+    cannot be reached (air-gapped machine, HF_HUB_OFFLINE=1), instead of letting the driver and every
+    worker retry the download before failing."""
     from huggingface_hub import constants
 
     missing = []

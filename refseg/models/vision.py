@@ -77,9 +77,7 @@ class TinyResNet(nn.Module):
     """A small ResNet of torchvision BasicBlocks: stem (stride 4) + 4 stages (strides 4, 8, 16, 32).
 
     The stem is two stride-2 3x3 convs of ``widths[0]`` channels each (instead of ResNet's 7x7 conv +
-    max-pool: ~5x cheaper on CPU). Its stride-2 half is also the decoder's ``stem_skip`` input, so it is
-    not thinned: 16 instead of 8 channels there gave 0.695 vs 0.663 val mIoU after 10 epochs on the
-    synthetic set (single process, BENCHMARKS.md).
+    max-pool). Its stride-2 half is also the decoder's ``stem_skip`` input.
 
     Exposes ``stem`` and ``layer1..layer4``; torchvision ResNets use conv1/bn1/relu/maxpool instead of ``stem``.
     """
@@ -124,17 +122,17 @@ def _load_weights_file(body: nn.Module, path: str) -> None:
         raise ValueError(f"vision.weights file '{path}' could not be read as a state dict ({type(e).__name__}).") from None
     if not isinstance(state, dict):
         raise ValueError(f"vision.weights file '{path}' does not hold a state dict (a mapping of tensors).")  # noqa: TRY004
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
+    for key in ("state_dict", "model"):  # training checkpoints nest the weights
+        if isinstance(state.get(key), dict):
             state = state[key]
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
     _load_body_state(body, state, str(file))
 
 
 def _load_body_state(body: nn.Module, state: dict, source: str) -> None:
     if any(isinstance(m, nn.GroupNorm) for m in body.modules()):  # GN has no running statistics
         state = {k: v for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the classifier: unused
     missing, unexpected = body.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(

@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
-from refseg import raylog
+from refseg import runtime
 from refseg.config import Config, ConfigError
-from refseg.train.ds_config import check_precision
-from refseg.train.report import write_outputs
-
-log = logging.getLogger("refseg.train")
+from refseg.io import write_text_atomic
+from refseg.runtime import init_ray, local_env
+from refseg.train.checkpoint import LOCAL_CHECKPOINTS
+from refseg.train.engine import check_precision
+from refseg.train.outputs import write_outputs
 
 
 def absolutize(cfg: Config) -> Config:
@@ -47,38 +46,6 @@ def absolutize(cfg: Config) -> Config:
     if w and Path(w).expanduser().exists():
         cfg.model.vision.weights = fix(w)
     return cfg
-
-
-def extensions_env() -> dict[str, str]:
-    """{TORCH_EXTENSIONS_DIR: <venv>/torch_extensions} unless the user set it or the venv is read-only.
-
-    DeepSpeed JIT-builds its CPU communication op there on first use (1-2 min); the default
-    ~/.cache/torch_extensions is shared by every venv, so two venvs (another checkout, CI) rebuild it
-    back and forth and a run pays the build inside its wall time."""
-    if os.environ.get("TORCH_EXTENSIONS_DIR"):
-        return {"TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}
-    path = os.path.join(sys.prefix, "torch_extensions")
-    return {"TORCH_EXTENSIONS_DIR": path} if os.access(sys.prefix, os.W_OK) else {}
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` / $RAY_ADDRESS when given, else start a fresh local instance."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # A rank blocked in a CPU collective can stall Ray Train's health check of the group for
-        # its 10-minute default after a peer dies; on a local instance, notice within 90 s.
-        extensions = extensions_env()
-        os.environ.update(extensions)  # --local trains in this process
-        env = {"RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S", "90"),
-               **extensions, **raylog.worker_env()}
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 runtime_env={"env_vars": env, "worker_process_setup_hook": "refseg.raylog.quiet_worker"})
 
 
 def check_resources(cfg: Config, local: bool) -> None:
@@ -135,8 +102,8 @@ def check_schedule(cfg: Config) -> None:
 def check_augmentation(cfg: Config) -> None:
     """data.min_scale / data.hflip_prob out of range as one sentence before Ray starts (the data
     pipeline raises the same sentence, but only after Ray and the output dir exist)."""
-    from refseg.data.errors import RefSegDataError
-    from refseg.data.ray_data import sample_opts
+    from refseg.data.samples import sample_opts
+    from refseg.data.skips import RefSegDataError
 
     try:
         sample_opts(cfg.data, train=True)
@@ -146,11 +113,13 @@ def check_augmentation(cfg: Config) -> None:
 
 def build_datasets(cfg: Config, world: int) -> tuple[dict, int]:
     """{"train": refs dataset, "val_<rank>": that rank's share of every val sentence}; train rows."""
-    from refseg.data import build_dataset, count_refs
+    from refseg.data import build_dataset, count_refs, tokenizer_spec
+    from refseg.models import load_tokenizer
 
     data = cfg.data
+    tokenizer = tokenizer_spec(load_tokenizer(cfg.model.text))  # loaded once, sent to the workers
     # data.cache: the decoded rows; every worker keeps its shard and samples it (refseg.data.cache.ShardCache)
-    datasets = {"train": build_dataset(data, data.train_split, train=True, tokenizer_source=cfg.model.text,
+    datasets = {"train": build_dataset(data, data.train_split, train=True, tokenizer=tokenizer,
                                        cache_rows=data.cache)}
     train_rows = count_refs(data, data.train_split)
     if cfg.train.val_every:
@@ -158,7 +127,7 @@ def build_datasets(cfg: Config, world: int) -> tuple[dict, int]:
         val_data = dataclasses.replace(data, shuffle_expressions=False)
         for r in range(world):
             datasets[f"val_{r}"] = build_dataset(
-                val_data, data.val_split, train=False, tokenizer_source=cfg.model.text, shard=(r, world)
+                val_data, data.val_split, train=False, tokenizer=tokenizer, shard=(r, world)
             )
     return datasets, train_rows
 
@@ -177,34 +146,59 @@ def steps_per_epoch(train_rows: int, cfg: Config, world: int) -> int:
     return steps
 
 
-def local_env() -> None:
-    """A one-rank process group's env vars for this process (Ray Train local mode, bench/gpu.py)."""
-    import socket
-
-    if os.environ.get("MASTER_PORT"):
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(
-        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )
+def check_config(cfg: Config) -> None:
+    """Every error ``cfg`` can cause in the workers, as one ConfigError sentence before any Ray work."""
+    check_precision(cfg.train.precision, cuda=cfg.train.use_gpu)
+    check_model(cfg)
+    check_schedule(cfg)
+    check_augmentation(cfg)
 
 
-def run_training(
-    cfg: Config,
-    output_dir: str | Path,
-    *,
-    resume: bool = False,
-    local: bool = False,
-    address: str | None = None,
-    probe_path: str | None = None,
-) -> dict:
+def prepare_environment(cfg: Config) -> None:
+    """What a training run (or a sweep of them) sets up before ``ray.init``: DeepSpeed's CPU accelerator
+    for CPU runs (a local cluster's workers inherit the variable) and the synthetic set, made once here
+    rather than raced by the workers (or trials)."""
+    if not cfg.train.use_gpu and "DS_ACCELERATOR" not in os.environ:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    if cfg.data.synthetic and cfg.data.source == "refer":
+        from refseg.data import ensure_synthetic
+
+        ensure_synthetic(cfg.data.root, cfg.data.synthetic_images, cfg.data.synthetic_seed)
+
+
+@dataclasses.dataclass
+class PreparedRun:
+    """What ``finish_training`` needs from ``make_trainer``: the resolved config, the output dir, local
+    mode, the optimizer steps per epoch and when the run (or this resume) started (``time.time()``)."""
+
+    cfg: Config
+    out: Path
+    local: bool
+    steps_per_epoch: int
+    t0: float
+
+
+def run_training(cfg: Config, output_dir: str | Path, *, resume: bool = False, local: bool = False,
+                 address: str | None = None) -> dict:
     """Train ``cfg`` and write every output into ``output_dir``; returns the summary dict."""
-    trainer, meta = make_trainer(cfg, output_dir, resume=resume, local=local, address=address,
-                                 probe_path=probe_path)
-    return finish_training(trainer.fit(), meta)
+    trainer, run = make_trainer(cfg, output_dir, resume=resume, local=local, address=address)
+    return finish_training(trainer.fit(), run)
+
+
+def open_run(cfg: Config, out: Path, resume: bool) -> dict:
+    """{"name", "storage_path"} of the Ray Train run in ``out``: read from its run.json for ``resume``,
+    else new (refusing a dir that holds a run already)."""
+    run_file = out / "run.json"
+    if resume:
+        if not run_file.is_file():
+            raise ConfigError(f"--resume: '{out}' holds no run.json; start the run without --resume first")
+        return json.loads(run_file.read_text())
+    if (out / "summary.json").exists() or run_file.exists():
+        raise ConfigError(
+            f"output dir '{out}' already holds a run; pass --resume to continue it or choose a new --output-dir"
+        )
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return {"name": cfg.train.name or f"refseg-{stamp}", "storage_path": cfg.train.storage_path or str(out / "ray")}
 
 
 def make_trainer(
@@ -214,62 +208,38 @@ def make_trainer(
     resume: bool = False,
     local: bool = False,
     address: str | None = None,
-    probe_path: str | None = None,
     callbacks: list | None = None,
 ):
-    """Everything ``run_training`` does before ``fit()``; returns (TorchTrainer, meta for finish_training).
+    """Everything ``run_training`` does before ``fit()``; returns (TorchTrainer, PreparedRun).
 
     ``callbacks``: Ray Train ``UserCallback``s for the RunConfig (a Tune trial passes TuneReportCallback)."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from refseg.train.loop import train_loop_per_worker
+    from refseg.train.loop import LoopConfig, train_loop_per_worker
 
     t0 = time.time()
-    check_precision(cfg.train.precision, cuda=cfg.train.use_gpu)  # fail before any Ray work
-    check_model(cfg)
-    check_schedule(cfg)
-    check_augmentation(cfg)
+    check_config(cfg)  # fail before any Ray work
     out = Path(output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg = absolutize(cfg)
-    run_file = out / "run.json"
-    if resume:
-        if not run_file.is_file():
-            raise ConfigError(f"--resume: '{out}' holds no run.json; start the run without --resume first")
-        run = json.loads(run_file.read_text())
-    else:
-        if (out / "summary.json").exists() or run_file.exists():
-            raise ConfigError(
-                f"output dir '{out}' already holds a run; pass --resume to continue it or choose a new --output-dir"
-            )
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run = {
-            "name": cfg.train.name or f"refseg-{stamp}",
-            "storage_path": cfg.train.storage_path or str(out / "ray"),
-        }
-    cfg.save(out / "config.yaml")
+    run = open_run(cfg, out, resume)
+    write_text_atomic(out / "config.yaml", cfg.to_yaml())
     world = 1 if local else cfg.train.num_workers
-    if not cfg.train.use_gpu and "DS_ACCELERATOR" not in os.environ:
-        os.environ["DS_ACCELERATOR"] = "cpu"
-    if cfg.data.synthetic and cfg.data.source == "refer":
-        from refseg.data import ensure_synthetic
-
-        ensure_synthetic(cfg.data.root, cfg.data.synthetic_images, cfg.data.synthetic_seed)
+    prepare_environment(cfg)
     init_ray(address)
     check_resources(cfg, local)
-    raylog.quiet_data()
+    runtime.quiet_data()
     datasets, train_rows = build_datasets(cfg, world)
     spe = steps_per_epoch(train_rows, cfg, world)
-    loop_config = {"config": cfg.to_dict(), "output_dir": str(out), "steps_per_epoch": spe, "local": local,
-                   "probe_path": probe_path, "t0": t0}
+    loop = LoopConfig(config=cfg.to_dict(), output_dir=str(out), steps_per_epoch=spe, t0=t0, local=local)
     if local:
         local_env()
-        ckpts = sorted((out / "checkpoints").glob("epoch_*")) if resume else []
+        ckpts = sorted((out / LOCAL_CHECKPOINTS).glob("epoch_*")) if resume else []
         if ckpts:
-            loop_config["resume_from"] = str(ckpts[-1])
-    run_file.write_text(json.dumps(run, indent=1))
+            loop.resume_from = str(ckpts[-1])
+    (out / "run.json").write_text(json.dumps(run, indent=1))
 
     cuda = cfg.train.use_gpu
     resources = {"CPU": cfg.train.cpus_per_worker}
@@ -277,7 +247,7 @@ def make_trainer(
         resources["GPU"] = cfg.train.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=dataclasses.asdict(loop),
         scaling_config=ScalingConfig(
             num_workers=0 if local else cfg.train.num_workers, use_gpu=cuda,
             resources_per_worker=None if local else resources,
@@ -292,18 +262,18 @@ def make_trainer(
                 checkpoint_score_order="max",
             ),
             callbacks=callbacks,
-            logging_config=LoggingConfig(log_level=raylog.train_log_level()),
+            logging_config=LoggingConfig(log_level=runtime.train_log_level()),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
     )
-    return trainer, {"cfg": cfg, "out": out, "local": local, "steps_per_epoch": spe, "t0": t0}
+    return trainer, PreparedRun(cfg, out, local, spe, t0)
 
 
-def finish_training(result, meta: dict) -> dict:
-    """After ``fit()``: raise the run's error, else write every output (report.write_outputs)."""
+def finish_training(result, run: PreparedRun) -> dict:
+    """After ``fit()``: raise the run's error, else write every output (outputs.write_outputs)."""
     if result.error is not None:
         raise result.error
-    return write_outputs(meta["cfg"], meta["out"], result, local=meta["local"],
-                         steps_per_epoch=meta["steps_per_epoch"], wall_s=time.time() - meta["t0"])
+    return write_outputs(run.cfg, run.out, result, local=run.local, steps_per_epoch=run.steps_per_epoch,
+                         wall_s=time.time() - run.t0)

@@ -1,49 +1,15 @@
-"""After fit(): consolidate the model, write summary.json, metrics.jsonl and curves.png."""
+"""After fit(): pick the checkpoint to export, write metrics.jsonl, curves.png, model.pt and summary.json."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from refseg.config import Config, config_from_dict, load_yaml
-
-CKPT_TAG = "ckpt"
-STATE_FILE = "refseg_state.json"
-
-
-def export_checkpoint(ckpt_dir: str | Path, out_path: str | Path) -> Path:
-    """DeepSpeed checkpoint dir (any ZeRO stage) -> ``model.pt`` (fp32 weights + resolved config).
-
-    The file loads with ``refseg.models.export.load_model`` — no DeepSpeed or Ray needed.
-    """
-    import torch
-
-    from refseg.models import build_model
-    from refseg.models.export import save_model
-
-    ckpt_dir = Path(ckpt_dir)
-    cfg = config_from_dict(load_yaml(ckpt_dir / "config.yaml"))
-    if cfg.deepspeed.zero_stage > 0:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=CKPT_TAG)
-    else:
-        states = torch.load(ckpt_dir / CKPT_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
-                            weights_only=False)
-        state = states["module"]
-    model = build_model(cfg.model, pretrained=False)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    buffers_only = all(k.endswith(("num_batches_tracked",)) for k in missing)
-    if unexpected or not buffers_only:
-        raise RuntimeError(f"checkpoint {ckpt_dir} does not match the model: missing={missing[:5]} "
-                           f"unexpected={unexpected[:5]}")
-    out_path = Path(out_path)
-    save_model(out_path, model.float(), cfg.to_dict())
-    return out_path
+from refseg.config import Config
+from refseg.io import new_figure, save_figure_atomic, write_text_atomic
+from refseg.train.checkpoint import LOCAL_CHECKPOINTS, export_checkpoint, read_state
 
 
 def _materialize(checkpoint, dest: Path) -> Path:
@@ -55,14 +21,10 @@ def _materialize(checkpoint, dest: Path) -> Path:
     return dest
 
 
-def _plot(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_curves(history: list[dict], path: Path) -> None:
+    """curves.png: train loss per epoch (left) and val oIoU / mIoU where validated (right)."""
+    fig, (a, b) = new_figure(ncols=2, figsize=(10, 4))
     epochs = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(epochs, [h["loss"] for h in history], marker="o")
     a.set(xlabel="epoch", ylabel="train loss (BCE + Dice)", title="loss")
     val = [h for h in history if "val_oiou" in h]
@@ -71,24 +33,14 @@ def _plot(history: list[dict], path: Path) -> None:
         b.plot([h["epoch"] for h in val], [h["val_miou"] for h in val], marker="s", label="val mIoU")
         b.legend()
     b.set(xlabel="epoch", ylabel="IoU", title="validation", ylim=(0, 1))
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path)
 
 
 def _local_checkpoints(out: Path, keep: int) -> tuple[Path, Path | None, list[dict]]:
     """Local mode: prune to best-K by val oIoU + latest; return (latest, best, history)."""
-    ckpts = sorted((out / "checkpoints").glob("epoch_*"))
+    ckpts = sorted((out / LOCAL_CHECKPOINTS).glob("epoch_*"))
     latest = ckpts[-1]
-    history = json.loads((latest / STATE_FILE).read_text())["history"]
+    history = read_state(latest).history
     by_epoch = {h["epoch"]: h for h in history}
     scored = [c for c in ckpts if "val_oiou" in by_epoch.get(int(c.name.split("_")[1]), {})]
     scored.sort(key=lambda c: by_epoch[int(c.name.split("_")[1])]["val_oiou"], reverse=True)
@@ -100,14 +52,15 @@ def _local_checkpoints(out: Path, keep: int) -> tuple[Path, Path | None, list[di
 
 
 def write_outputs(cfg: Config, out: Path, result, *, local: bool, steps_per_epoch: int, wall_s: float) -> dict:
-    """Write summary.json, metrics.jsonl, curves.png and model.pt; return the summary."""
+    """Write metrics.jsonl, curves.png, model.pt (from the best checkpoint by val oIoU, else the latest)
+    and summary.json into ``out``; return the summary."""
     if local:
         latest_dir, best_dir, history = _local_checkpoints(out, cfg.train.keep_checkpoints)
         best_path = str(best_dir or latest_dir)
     else:
         staging = Path(tempfile.mkdtemp(prefix="refseg-export-"))
         latest_dir = _materialize(result.checkpoint, staging / "latest")
-        history = json.loads((latest_dir / STATE_FILE).read_text())["history"]
+        history = read_state(latest_dir).history
         best_ckpt = result.checkpoint
         if cfg.train.val_every and result.best_checkpoints:
             scored = [(c, m) for c, m in result.best_checkpoints if "val_oiou" in m]
@@ -116,8 +69,8 @@ def write_outputs(cfg: Config, out: Path, result, *, local: bool, steps_per_epoc
         best_dir = latest_dir if best_ckpt.path == result.checkpoint.path else _materialize(
             best_ckpt, staging / "best")
         best_path = best_ckpt.path
-    _atomic_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-    _plot(history, out / "curves.png")
+    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    plot_curves(history, out / "curves.png")
     model_path = export_checkpoint(best_dir or latest_dir, out / "model.pt")
     val = [h for h in history if "val_oiou" in h]
     best = max(val, key=lambda h: h["val_oiou"]) if val else None
@@ -135,5 +88,5 @@ def write_outputs(cfg: Config, out: Path, result, *, local: bool, steps_per_epoc
     }
     if not local:
         shutil.rmtree(staging, ignore_errors=True)
-    _atomic_text(out / "summary.json", json.dumps(summary, indent=1))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
     return summary

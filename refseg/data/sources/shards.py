@@ -8,12 +8,15 @@ ref_id, sent_id, ann_id, image_id, image_bytes (the original file's bytes), sent
 RLE counts string) + mask_h, mask_w, split, category_id, height, width; plus ``sent_index`` (0 for a
 ref's first row) and, on every row, the ref's ``ref_sent_ids`` / ``ref_sentences``, so training reads
 only the first row of each ref and draws one of its sentences per epoch. A ref never straddles two
-files. Each file is written to a hidden temporary name and renamed into place; parts left over from
-an earlier, larger run are removed. ``out`` may be any pyarrow filesystem path (local, s3://, gs://).
+files. Each file is written to a hidden temporary name and renamed into place; parts (and temporary
+files) left over from an earlier, larger or killed run are removed, so an interrupted ``prepare``
+leaves whole files only and re-running it writes every split again. ``out`` may be any pyarrow
+filesystem path (local, s3://, gs://).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -28,8 +31,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from refseg.data.errors import RefSegDataError, SkipReport
-from refseg.data.manifest import filesystem_and_path, is_uri, load_mask_png, read_bytes, read_manifest
+from refseg.data import skips
+from refseg.data.masks import decode_mask, encode_rle
+from refseg.data.skips import RefSegDataError, SkipReport, SkipSample
+from refseg.data.sources.manifest import load_mask_png, read_manifest
+from refseg.data.sources.refer import load_split
+from refseg.io import filesystem_and_path, is_uri, read_bytes
 
 logger = logging.getLogger("refseg.data")
 
@@ -41,11 +48,6 @@ SCHEMA = pa.schema([
     ("ref_sent_ids", pa.list_(pa.int64())), ("ref_sentences", pa.list_(pa.string())),
 ])
 SPLITS = {"unc": ["train", "val", "testA", "testB"], "umd": ["train", "val", "test"], "google": ["train", "val"]}
-MISSING_IMAGE_FILE = "missing image file"
-CORRUPT_IMAGE = "corrupt image"
-INVALID_MASK = "invalid segmentation"
-ZERO_AREA = "zero-area segmentation"
-SIZE_MISMATCH = "mask/image size mismatch"
 
 
 def _join(base: str, *parts: str) -> str:
@@ -67,17 +69,15 @@ def _read_image(path: str) -> tuple[bytes | None, str | None, Any]:
     try:
         data = read_bytes(path)
     except (OSError, ValueError) as e:
-        return None, MISSING_IMAGE_FILE, str(e)
+        return None, skips.MISSING_IMAGE_FILE, str(e)
     try:
         with Image.open(io.BytesIO(data)) as img:
             return data, None, (img.height, img.width)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:  # junk bytes
-        return None, CORRUPT_IMAGE, f"{path}: {type(e).__name__}"
+        return None, skips.CORRUPT_IMAGE, f"{path}: {type(e).__name__}"
 
 
 def _mask_rle(rec: dict, size: tuple[int, int]) -> dict:
-    from refseg.data.masks import decode_mask, encode_rle
-
     if rec.get("mask_path"):
         return encode_rle(load_mask_png(rec["mask_path"]))
     return encode_rle(decode_mask(rec["segmentation"], size[0], size[1]))
@@ -89,22 +89,21 @@ def _ref_rows(ref: list[dict], blob: tuple, split: str, report: SkipReport) -> l
     data, reason, info = blob
     try:
         if data is None:
-            raise _Skip(reason, info)
+            raise SkipSample(reason, info)
         h, w = info
         if first.get("height") is not None and (int(first["height"]), int(first["width"])) != (h, w):
-            raise _Skip(SIZE_MISMATCH, f"ref {first['ref_id']}: record {first['height']}x{first['width']}, "
-                                       f"image {h}x{w}")
+            raise SkipSample(skips.SIZE_MISMATCH,
+                             f"ref {first['ref_id']}: record {first['height']}x{first['width']}, image {h}x{w}")
         try:
             rle = _mask_rle(first, (h, w))
         except (ValueError, TypeError, KeyError, OSError) as e:
-            raise _Skip(INVALID_MASK, f"ref {first['ref_id']}: {e}") from None
+            raise SkipSample(skips.INVALID_SEGMENTATION, f"ref {first['ref_id']}: {e}") from None
         if tuple(rle["size"]) != (h, w):
-            raise _Skip(SIZE_MISMATCH, f"ref {first['ref_id']}: mask {rle['size']}, image {h}x{w}")
+            raise SkipSample(skips.SIZE_MISMATCH, f"ref {first['ref_id']}: mask {rle['size']}, image {h}x{w}")
         if rle["counts"] in ("", None) or _rle_empty(rle):
-            raise _Skip(ZERO_AREA, f"ref {first['ref_id']}")
-    except _Skip as e:
-        for _ in ref:
-            report.add(e.reason, e.detail)
+            raise SkipSample(skips.ZERO_AREA, f"ref {first['ref_id']}")
+    except SkipSample as e:
+        report.add(e.reason, e.detail, len(ref))
         return []
     sent_ids = [int(r["sent_id"]) for r in ref]
     texts = [r["sentence"] for r in ref]
@@ -127,12 +126,6 @@ def _rle_empty(rle: dict) -> bool:
     return int(mask_utils.area({"size": rle["size"], "counts": rle["counts"].encode("ascii")})) == 0
 
 
-class _Skip(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(reason, detail)
-        self.reason, self.detail = reason, detail
-
-
 def _chunks(refs: list[list[dict]], rows_per_shard: int) -> Iterator[list[list[dict]]]:
     """Consecutive groups of whole refs holding about ``rows_per_shard`` rows each."""
     chunk, n = [], 0
@@ -151,9 +144,14 @@ def _write_table(table: pa.Table, fs, path: str) -> None:
     directory, name = posixpath.split(path)
     tmp = posixpath.join(directory, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
     compression = {c: ("NONE" if c == "image_bytes" else "SNAPPY") for c in SCHEMA.names}
-    with fs.open_output_stream(tmp) as f:
-        pq.write_table(table, f, row_group_size=128, compression=compression,
-                       use_dictionary=[c for c in SCHEMA.names if c not in ("image_bytes", "mask_rle")])
+    try:
+        with fs.open_output_stream(tmp) as f:
+            pq.write_table(table, f, row_group_size=128, compression=compression,
+                           use_dictionary=[c for c in SCHEMA.names if c not in ("image_bytes", "mask_rle")])
+    except BaseException:  # Ctrl-C / SIGTERM too: leave no temporary file behind
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
+        raise
     fs.move(tmp, path)
 
 
@@ -175,8 +173,8 @@ def _write_split(refs: list[list[dict]], out: str, split: str, rows_per_shard: i
             n_rows += len(rows)
     from pyarrow.fs import FileSelector
 
-    for info in fs.get_file_info(FileSelector(base)):  # parts of an earlier, larger run
-        if info.base_name.startswith("part-") and info.base_name not in written:
+    for info in fs.get_file_info(FileSelector(base)):  # parts of an earlier, larger or killed run
+        if info.base_name.startswith(("part-", ".part-")) and info.base_name not in written:
             fs.delete_file(info.path)
     return n_rows
 
@@ -225,8 +223,6 @@ def prepare(
     ``splits`` defaults to every split of ``split_by`` (unc: train/val/testA/testB, umd:
     train/val/test, google: train/val); with a manifest, to the splits its rows name (or each
     ``{split}`` file). Writes ``<out>/_prepare.json`` with the counts. Returns rows written per split."""
-    from refseg.data.refer import load_split
-
     report = report if report is not None else SkipReport()
     counts: dict[str, int] = {}
     if manifest is not None:

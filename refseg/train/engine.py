@@ -1,0 +1,217 @@
+"""DeepSpeed inside a Ray Train worker: its JSON config, the LR schedule, the engine, the collectives.
+
+    engine, scheduler = setup_engine(cfg, total_steps, pick_device(cfg.train.use_gpu))
+    image, ids, attn, mask = to_inputs(batch, device, engine_dtype(cfg))
+    steps = all_reduce_min(steps)          # every rank agrees (1 without a process group)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from refseg.config import Config, ConfigError, DeepSpeedConfig, TrainConfig
+
+
+# ----------------------------------------------------------------------------- DeepSpeed config
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def check_precision(precision: str, cuda: bool) -> None:
+    """Raise a one-sentence error for precisions the device cannot run."""
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ConfigError(f"train.precision must be bf16, fp16 or fp32, got '{precision}'")
+    if precision == "fp16" and not cuda:
+        raise ConfigError(
+            "train.precision=fp16 needs a CUDA GPU (DeepSpeed has no fp16 on CPU); "
+            "use train.precision=bf16 or fp32 on CPU"
+        )
+
+
+def build_deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, cuda: bool) -> dict:
+    """The DeepSpeed JSON for one engine: ZeRO stage, precision, accumulation, clipping.
+
+    ``ds.config_file`` (a DeepSpeed JSON) is merged under the generated keys' defaults and
+    ``ds.extra`` is merged last, so any raw DeepSpeed key can be set from YAML.
+    """
+    check_precision(train.precision, cuda)
+    if ds.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}")
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.zero_stage > 0:
+        zero["contiguous_gradients"] = True
+        if ds.overlap_comm:
+            zero["overlap_comm"] = True
+    if ds.offload_optimizer and ds.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
+    config = {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {
+            "enabled": train.precision == "fp16",
+            "loss_scale": 0,  # dynamic loss scaling
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if ds.config_file:
+        path = Path(ds.config_file)
+        if not path.is_file():
+            raise ConfigError(f"deepspeed.config_file '{path}' does not exist; fix the path or remove the key")
+        try:
+            from_file = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"deepspeed.config_file '{path}' is not valid JSON: {e}") from None
+        file_stage = from_file.get("zero_optimization", {}).get("stage")
+        if file_stage is not None and file_stage != ds.zero_stage:
+            raise ConfigError(
+                f"deepspeed.config_file '{path}' sets ZeRO stage {file_stage} but deepspeed.zero_stage="
+                f"{ds.zero_stage}; set deepspeed.zero_stage={file_stage} (the config key decides)"
+            )
+        # The file supplies defaults (e.g. bucket sizes); the refseg keys above stay authoritative,
+        # except "zero_optimization" sub-keys the file adds.
+        config = _deep_merge(from_file, config)
+        if "zero_optimization" in from_file:
+            config["zero_optimization"] = _deep_merge(from_file["zero_optimization"], zero)
+    config.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch x accumulation x world
+    return _deep_merge(config, ds.extra)
+
+
+class PolySchedule:
+    """Linear warmup then polynomial decay (LAVT: power 0.9 per iteration), as an LR multiplier.
+
+    A callable object rather than a closure: ``LambdaLR.state_dict`` saves an object's attributes, so a
+    checkpoint keeps ``total_steps`` when ``train.time_budget_s`` re-fits it mid-run (``set_total``)."""
+
+    def __init__(self, total_steps: int, warmup_steps: int, power: float) -> None:
+        self.warmup_steps = max(0, int(warmup_steps))
+        self.power = float(power)
+        self.set_total(total_steps)
+
+    def set_total(self, total_steps: int) -> None:
+        self.total_steps = max(1, int(total_steps))
+
+    def __call__(self, step: int) -> float:
+        warmup = min(self.warmup_steps, self.total_steps - 1)
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.total_steps - warmup)
+        return max(0.0, 1.0 - min(progress, 1.0)) ** self.power
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, power: float) -> PolySchedule:
+    """The LR multiplier of ``LambdaLR`` for this run: see :class:`PolySchedule`."""
+    return PolySchedule(total_steps, warmup_steps, power)
+
+
+# ----------------------------------------------------------------------------- the engine
+def pick_device(use_gpu: bool) -> torch.device:
+    """This worker's GPU (``LOCAL_RANK``) when ``use_gpu`` and CUDA is there, else the CPU."""
+    if use_gpu and torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def engine_dtype(cfg: Config) -> torch.dtype:
+    """The dtype of the engine's parameters and of its input images (train.precision)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+
+
+def setup_engine(cfg: Config, total_steps: int, device: torch.device):
+    """Build the model, AdamW (two LR groups), warmup+poly schedule and the DeepSpeed engine.
+
+    Returns ``(engine, LambdaLR scheduler)``; ``total_steps`` optimizer steps end the schedule."""
+    import deepspeed
+
+    from refseg.models import build_model
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model, pretrained=True)
+    groups = model.param_groups(cfg.train.lr, cfg.train.encoder_lr_mult, cfg.train.weight_decay)
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999), fused=fused)
+    warmup = cfg.train.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, warmup, cfg.train.poly_power)
+    )
+    ds_config = build_deepspeed_config(cfg.train, cfg.deepspeed, cuda=device.type == "cuda")
+    if cfg.train.precision == "bf16":
+        # DeepSpeed casts parameters only; BatchNorm's fp32 running stats then fail on CPU
+        # ("expected scalar type BFloat16"). Cast the whole module (buffers included) up front:
+        # the fp32 master weights DeepSpeed keeps start from the same values.
+        model = model.to(torch.bfloat16)
+    # No channels_last weights: DeepSpeed broadcasts each parameter as a byte view (fails on a
+    # non-unit last stride) and ZeRO re-points parameters into flat contiguous buffers anyway.
+    # The input batch is channels_last on CUDA instead (to_inputs).
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    if cfg.train.compile:
+        engine.compile()  # nn.Module.compile in place: checkpoints keep their parameter names
+    return engine, scheduler
+
+
+def to_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Ray Data numpy/torch batch -> (image (B,3,S,S), ids (B,L), attn (B,L), mask (B,S,S))."""
+    image = torch.as_tensor(batch["image"]).to(device, dtype=dtype, non_blocking=True)
+    if device.type == "cuda":  # NHWC activations for cuDNN's bf16 convolutions (bench/gpu.py measures it)
+        image = image.contiguous(memory_format=torch.channels_last)
+    ids = torch.as_tensor(batch["input_ids"]).to(device, dtype=torch.long, non_blocking=True)
+    attn = torch.as_tensor(batch["attention_mask"]).to(device, dtype=torch.long, non_blocking=True)
+    mask = torch.as_tensor(batch["mask"]).to(device, dtype=torch.float32, non_blocking=True)
+    return image, ids, attn, mask
+
+
+# ----------------------------------------------------------------------------- collectives
+def world_size() -> int:
+    """Ranks in the process group (1 without one)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``t`` over every rank (a copy; ``t`` itself with one rank)."""
+    if world_size() > 1:
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def all_reduce_min(n: int) -> int:
+    """The smallest ``n`` any rank holds: every rank then runs the same number of steps / epochs."""
+    if world_size() > 1:
+        t = torch.tensor([n], dtype=torch.int64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        n = int(t.item())
+    return n
+
+
+def all_gather_objects(obj: Any) -> list:
+    """``obj`` of every rank, in rank order (``[obj]`` with one rank)."""
+    if world_size() > 1:
+        out: list = [None] * world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    return [obj]
