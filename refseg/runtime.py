@@ -3,7 +3,7 @@
     with sigterm_raises():   # SIGTERM raises Terminated (a KeyboardInterrupt) like Ctrl-C does
     init_ray(address)        # attach to ``address`` / $RAY_ADDRESS, else start a fresh local instance
     local_env()              # a one-rank process group's env vars (Ray Train local mode)
-    actor_options(workers)   # resources and restart policy per inference actor
+    actor_options(workers)   # resources per inference actor
 
 Ray's defaults on a terminal: its start-up lines (the token-authentication notice, "Started a local
 Ray instance"), Ray Data's execution plan and progress for every dataset, Ray Train's INFO record of
@@ -27,7 +27,11 @@ from collections.abc import Iterator
 from refseg.config import ConfigError
 
 QUIET_ENV = "REFSEG_QUIET"  # set (to "1") in the runtime_env of local instances unless verbose
-_NOISY_WORKER_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+_NOISY_LOGGERS = (  # set to ERROR unless verbose
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner",
+    "ray.data._internal.progress",  # "Progress bars disabled. To enable, ..." and the like
+    "torch.utils.cpp_extension",  # "No CUDA runtime is found" while DeepSpeed builds its CPU op
+)
 
 
 def verbose() -> bool:
@@ -42,14 +46,15 @@ def setup_worker() -> None:
     State API with no address) finds it even when another Ray instance runs on the host (it would
     die with "Found multiple active Ray instances"). Unless verbose ($REFSEG_QUIET=1), silences the
     cleaner's State-API polling warning (without the dashboard it cannot ask whether the controller
-    lives), Ray Train's record of every report (logged under its file path, outside LoggingConfig's
-    reach), and DeepSpeed's deprecation warning about a torch collective it calls."""
+    lives), Ray Data's progress notices, Ray Train's record of every report (logged under its file
+    path, outside LoggingConfig's reach), and deprecation warnings about calls inside DeepSpeed (a
+    torch collective) and Ray Train (``exclude_resources``)."""
     import ray
 
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     if os.environ.get(QUIET_ENV) != "1":
         return
-    for name in _NOISY_WORKER_LOGGERS:
+    for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from ray.train.v2._internal.execution import context
@@ -58,6 +63,7 @@ def setup_worker() -> None:
     except ImportError:  # another Ray layout: only the noise stays
         pass
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*ExecutionOptions.exclude_resources.*")  # Ray Train's own call
 
 
 def worker_env() -> dict[str, str]:
@@ -79,6 +85,8 @@ def quiet_data() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # after ``import ray.data`` configured it
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def train_log_level() -> str:
@@ -103,7 +111,11 @@ class Terminated(KeyboardInterrupt):
     KeyboardInterrupt, so both unwind the same way (``refseg`` exits 128 + the signal number)."""
 
 
+_SIGTERM_SEEN = {"seen": False}  # Ray / Tune code on the way up may re-raise a plain KeyboardInterrupt
+
+
 def _raise_terminated(signum: int, frame: object) -> None:
+    _SIGTERM_SEEN["seen"] = True
     raise Terminated()
 
 
@@ -119,6 +131,7 @@ def raise_on_sigterm() -> None:
 def sigterm_raises() -> Iterator[None]:
     """:func:`raise_on_sigterm` inside the block; the previous SIGTERM handler is back afterwards."""
     previous = signal.getsignal(signal.SIGTERM)
+    _SIGTERM_SEEN["seen"] = False
     raise_on_sigterm()
     try:
         yield
@@ -128,8 +141,22 @@ def sigterm_raises() -> Iterator[None]:
 
 
 def interrupt_exit_code(e: KeyboardInterrupt) -> int:
-    """130 for Ctrl-C (SIGINT), 143 for :class:`Terminated` (SIGTERM): the shell's 128 + signal."""
-    return 128 + int(signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+    """130 for Ctrl-C (SIGINT), 143 after SIGTERM (:class:`Terminated`): the shell's 128 + signal."""
+    term = isinstance(e, Terminated) or _SIGTERM_SEEN["seen"]
+    return 128 + int(signal.SIGTERM if term else signal.SIGINT)
+
+
+def ray_connected() -> bool:
+    """True when this process is connected to Ray (without importing ray)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def stop_ray() -> None:
+    """Disconnect from Ray now if connected (a local instance of :func:`init_ray` ends with it), so an
+    interrupted job does not print Ray's reports about the tasks it cancelled on its way out."""
+    if ray_connected():
+        sys.modules["ray"].shutdown()
 
 
 class _DropTokenNotice(logging.Filter):
@@ -140,14 +167,6 @@ class _DropTokenNotice(logging.Filter):
 
 
 _TOKEN_NOTICE = _DropTokenNotice()
-_LOCAL = {"started": False}  # whether init_ray started the local instance this process uses
-
-
-def started_local() -> bool:
-    """True when :func:`init_ray` started the (one-node) Ray instance this process is connected to."""
-    import ray
-
-    return _LOCAL["started"] and ray.is_initialized()
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -175,7 +194,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                **extensions, **worker_env()}
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=level,
                  runtime_env={"env_vars": env, "worker_process_setup_hook": "refseg.runtime.setup_worker"})
-        _LOCAL["started"] = True
     if keep_sigterm:  # ray.init replaced it
         raise_on_sigterm()
     quiet_data()
@@ -197,27 +215,20 @@ def local_env() -> None:
 
 
 def actor_options(workers: int) -> dict:
-    """Resources and restart policy per inference actor: one GPU when the cluster has GPUs, else one
-    CPU. Refuses a pool the cluster cannot hold (Ray Data would wait for the missing actors forever).
-
-    On a local instance of :func:`init_ray` actors are not restarted (``max_restarts=0``): with one
-    node a restart only repeats a crash (out of memory, a native fault), and Ray Data's default of
-    endless restarts and retries would then never end. It also keeps Ray core from logging, for every
-    actor, that Ray Data's own constructor arguments live in the object store (ray-project/ray#57733).
-    On a cluster, Ray Data's default stays: an actor lost with its node is restarted elsewhere."""
+    """Resources per inference actor: one GPU when the cluster has GPUs, else one CPU. Refuses a pool
+    the cluster cannot hold (Ray Data would wait for the missing actors forever)."""
     import ray
 
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     res = ray.cluster_resources()
     gpus, cpus = res.get("GPU", 0.0), res.get("CPU", 0.0)
-    restarts = {"max_restarts": 0} if started_local() else {}
     if gpus >= 1:
         if workers > gpus:
             raise ConfigError(f"--workers {workers} needs {workers} GPUs (one per actor) but the cluster has "
                               f"{gpus:g}; lower --workers")
-        return {"num_gpus": 1, "num_cpus": 1 if cpus >= 2 * workers else 0, **restarts}
+        return {"num_gpus": 1, "num_cpus": 1 if cpus >= 2 * workers else 0}
     if workers > cpus:
         raise ConfigError(f"--workers {workers} needs {workers} CPUs (one per actor) but the cluster has "
                           f"{cpus:g}; lower --workers")
-    return {"num_cpus": 1, **restarts}
+    return {"num_cpus": 1}

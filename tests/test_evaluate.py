@@ -147,3 +147,18 @@ def test_user_errors_exit_2(ray_session, ckpt, synthetic_root, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("refseg: error: ") for line in err)
     assert "does not exist" in err[0] and "nosuchsplit" in err[1] and "--workers 64" in err[2]
+
+
+def test_interrupt_is_one_sentence_and_exit_130(ckpt, synthetic_root, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    from refseg.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the actors run
+
+    monkeypatch.setattr(importlib.import_module("refseg.infer.evaluate"), "evaluate", interrupted)
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data-root", str(synthetic_root),
+                 "--output", str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err == ("refseg: interrupted: metrics.json not written, re-run the same command to "
+                                       "evaluate\n")

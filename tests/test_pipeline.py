@@ -358,19 +358,19 @@ def test_kept_val_batches_replay_the_stream_without_running_it_again(ray_session
 
 
 def test_augmentation_settings_are_checked_and_reach_the_decoder(synthetic_root):
-    """data.min_scale / data.hflip_prob out of range: one sentence naming the key. In range they reach
-    decode_batch: min_scale=1 and hflip_prob=0 leave only the photometric change, so every mask equals
-    the unaugmented one."""
+    """data.min_scale / data.hflip_prob out of range: build_dataset refuses them in one sentence naming
+    the key, before any Ray work. In range they reach decode_batch: min_scale=1 and hflip_prob=0 leave
+    only the photometric change, so every mask equals the unaugmented one."""
     import pytest
 
+    from refseg.config import ConfigError
     from refseg.data.refs import load_refs, refs_table
     from refseg.data.samples import decode_batch, sample_opts
-    from refseg.data.skips import RefSegDataError
 
-    with pytest.raises(RefSegDataError, match=r"data.min_scale must lie in \(0, 1\] .* got 1.5"):
-        sample_opts(data_cfg(synthetic_root, augment=True, min_scale=1.5), train=True)
-    with pytest.raises(RefSegDataError, match=r"data.hflip_prob must lie in \[0, 1\], got -0.1"):
-        sample_opts(data_cfg(synthetic_root, augment=True, hflip_prob=-0.1), train=True)
+    with pytest.raises(ConfigError, match=r"data.min_scale must lie in \(0, 1\] .* got 1.5"):
+        build_dataset(data_cfg(synthetic_root, augment=True, min_scale=1.5), "train", train=True, tokenizer=None)
+    with pytest.raises(ConfigError, match=r"data.hflip_prob must lie in \[0, 1\], got -0.1"):
+        build_dataset(data_cfg(synthetic_root, augment=True, hflip_prob=-0.1), "train", train=True, tokenizer=None)
     table = refs_table(load_refs(data_cfg(synthetic_root), "val")[:6])
     batch = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
     tok = TOK

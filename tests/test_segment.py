@@ -180,3 +180,78 @@ def test_two_workers_same_masks(ray_session, ckpt, synthetic_root, tmp_path):
     assert s1["segmented"] == s2["segmented"] == 12 and s1["exit_code"] == s2["exit_code"] == 0
     for p in (tmp_path / "one" / "masks").iterdir():
         np.testing.assert_array_equal(np.asarray(Image.open(p)), np.asarray(Image.open(tmp_path / "two" / "masks" / p.name)))
+
+
+def test_interrupt_reports_rows_done_and_exits_130_or_143(ckpt, tmp_path, monkeypatch, capsys):
+    """Ctrl-C / SIGTERM while rows are being written: one line counting the rows in results.jsonl."""
+    import importlib
+    import os
+    import signal
+    import time
+
+    from refseg.cli import main
+
+    module = importlib.import_module("refseg.infer.segment")  # the module (refseg.infer.segment is the function)
+
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def interrupt_with(sig):
+        def fake(*args, **kwargs):
+            (out / "results.jsonl").write_text("".join(json.dumps({"id": f"r{i}"}) + "\n" for i in range(3)))
+            os.kill(os.getpid(), sig)
+            time.sleep(30)  # the handler raises in here
+            raise AssertionError("the signal did not interrupt")
+        return fake
+
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        monkeypatch.setattr(module, "segment", interrupt_with(sig))
+        assert main(["segment", "--checkpoint", str(ckpt), "--input", str(tmp_path / "rows.jsonl"),
+                     "--output", str(out)]) == code
+        assert capsys.readouterr().err == "refseg: interrupted: 3 done, re-run the same command to continue\n"
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_run_keeps_finished_rows_and_rerun_completes_each_once(ckpt, tmp_path):
+    """A real `refseg segment` gets Ctrl-C (SIGINT to its process group, as a terminal sends it) once its
+    first rows are in results.jsonl: no traceback, the sentence, exit 130; the re-run adds every other row."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(tmp_path / f"img{k}.png")
+    rows = 1500  # minutes of work at batch size 2: the interrupt lands mid-run
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "image": f"img{i % 4}.png",
+                                                             "text": "the red one"}) + "\n" for i in range(rows)))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "refseg.cli", "segment", "--checkpoint", str(ckpt), "--input",
+           str(tmp_path / "rows.jsonl"), "--output", str(out), "--batch-size", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        results = out / "results.jsonl"
+        deadline = time.time() + 600
+        while not (results.is_file() and results.stat().st_size > 0) and proc.poll() is None:
+            assert time.time() < deadline, "no result within 10 minutes"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    done = [json.loads(line)["id"] for line in results.read_text().splitlines()]
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr + stdout, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == f"refseg: interrupted: {len(done)} done, re-run the same command to continue"
+    assert 0 < len(done) < rows
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{rows - len(done)} segmented, {len(done)} already done, 0 failed" in again.stdout
+    ids = [json.loads(line)["id"] for line in results.read_text().splitlines()]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(rows))  # every row exactly once

@@ -19,7 +19,7 @@ import sys
 from refseg.cli import infer, sweep, train
 from refseg.config import ConfigError
 from refseg.data.skips import RefSegDataError
-from refseg.runtime import interrupt_exit_code, sigterm_raises
+from refseg.runtime import interrupt_exit_code, ray_connected, sigterm_raises, stop_ray
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    connected = ray_connected()  # a caller's Ray connection (tests, a notebook) is left alone
     try:
         with sigterm_raises():
             return int(args.fn(args) or 0)
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"refseg: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM raised as runtime.Terminated
+        if not connected:
+            stop_ray()
         on_interrupt = getattr(args, "on_interrupt", None)
         print(f"refseg: {on_interrupt(args) if on_interrupt else 'interrupted'}", file=sys.stderr)
         return interrupt_exit_code(e)

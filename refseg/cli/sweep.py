@@ -21,7 +21,6 @@ def cmd_tune(a: argparse.Namespace) -> int:
             raise ConfigError("--resume continues the sweep exactly as it started (its sweep.json); "
                               "drop --config, --space, --num-samples, --max-concurrent and overrides")
         summary = resume_sweep(a.resume, address=a.address)
-        out = a.resume
     else:
         if not a.config:
             raise ConfigError("refseg tune needs --config CFG (or --resume DIR)")
@@ -30,7 +29,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
         if not space:
             raise ConfigError("no search space: pass --space tune/<name>.yaml or set tune.space in the config")
         path = shipped_path("tune", space, "search space")
-        out = a.output_dir or f"runs/tune-{Path(a.config).stem}-{Path(path).stem}"
+        out = a.output_dir = a.output_dir or f"runs/tune-{Path(a.config).stem}-{Path(path).stem}"
         check_output_dir(out, "--output-dir")
         data = trial_config(base, {}).data
         if data.source == "refer" and not data.synthetic:
@@ -40,10 +39,19 @@ def cmd_tune(a: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=1))
     statuses = summary["statuses"]
     if statuses.get("interrupted") or statuses.get("pending"):
-        print(f"refseg: sweep interrupted; continue it with: refseg tune --resume {Path(out).expanduser().resolve()}",
-              file=sys.stderr)
+        print(f"refseg: {tune_interrupted(a)}", file=sys.stderr)
         return 130
     return 1 if statuses and set(statuses) == {"error"} else 0
+
+
+def tune_interrupted(a: argparse.Namespace) -> str:
+    """Tune's interrupt line: the --resume command once the sweep has started (its sweep.json exists)."""
+    from refseg.sweep.outputs import SWEEP_FILE
+
+    where = a.resume or a.output_dir  # cmd_tune fills in the default --output-dir
+    if not where or not (Path(where).expanduser() / SWEEP_FILE).is_file():
+        return "interrupted before the sweep started; nothing to resume"
+    return f"sweep interrupted; continue it with: refseg tune --resume {Path(where).expanduser().resolve()}"
 
 
 def add_verbs(sub: argparse._SubParsersAction) -> None:
@@ -59,4 +67,4 @@ def add_verbs(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="DIR", help="continue the interrupted sweep in DIR")
     add_address(p)
     add_overrides(p, help="dotted config overrides for every trial")
-    p.set_defaults(fn=cmd_tune)
+    p.set_defaults(fn=cmd_tune, on_interrupt=tune_interrupted)

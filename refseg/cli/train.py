@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
 
 from refseg.cli.args import add_address, add_overrides, config_path
 from refseg.io import check_output_dir
+from refseg.runtime import stop_ray
 
 PREPARE_INTERRUPTED = ("interrupted: the shard files written are whole but the set is incomplete; re-run the same "
                        "command to write it again from the start")
@@ -19,11 +22,31 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = load_config(config_path(a.config), a.overrides)
     out = a.output_dir or f"runs/{Path(a.config).stem}"
     check_output_dir(out, "--output-dir")
-    from refseg.train import run_training  # torch, DeepSpeed and Ray: after the checks that need none
+    from refseg.train import TrainingStopped, run_training  # torch, DeepSpeed, Ray: after the checks
 
-    summary = run_training(cfg, out, resume=a.resume, local=a.local, address=a.address)
+    try:
+        summary = run_training(cfg, out, resume=a.resume, local=a.local, address=a.address)
+    except TrainingStopped as e:  # SIGINT / SIGTERM: the workers saved a checkpoint after their current step
+        stop_ray()  # now: nothing of Ray's on the way out after the sentence
+        stop = e.summary["interrupted"]
+        print(f"refseg: {stopped_sentence(a, out, stop, e.summary['steps_per_epoch'])}", file=sys.stderr)
+        return 128 + e.signum
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def stopped_sentence(a: argparse.Namespace, out: str, stop: dict, steps_per_epoch: int) -> str:
+    """The line a stopped ``refseg train`` ends with: where it stopped and the command that continues it."""
+    if stop["epoch_steps"]:
+        where = (f"in epoch {stop['epochs_done'] + 1} after step {stop['step']} ({stop['epoch_steps']} of its "
+                 f"{steps_per_epoch} steps)")
+    elif not stop["step"]:
+        where = "before its first step"
+    else:
+        where = f"after epoch {stop['epochs_done']} (step {stop['step']})"
+    command = ["refseg", "train", "--config", a.config, "--output-dir", out, "--resume",
+               *(["--local"] if a.local else []), *(["--address", a.address] if a.address else []), *a.overrides]
+    return f"stopped by {stop['signal']} {where} and saved a checkpoint; continue with: {shlex.join(command)}"
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
@@ -92,7 +115,8 @@ def add_verbs(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--data-root", default=None, help="where the synthetic set lives (default: <output-dir>/data)")
     add_overrides(p)
-    p.set_defaults(fn=cmd_demo)
+    p.set_defaults(fn=cmd_demo, on_interrupt=lambda a: "interrupted: re-run the same command to continue (finished "
+                                                       "training is kept)")
 
     p = sub.add_parser("prepare", help="convert refer files or a manifest into Parquet shards")
     p.add_argument("--data-root", help="refer layout root")

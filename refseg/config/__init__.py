@@ -5,7 +5,7 @@
     model = build_model(cfg.model)   # each section goes to its own builder
 
 ``schema`` holds the dataclasses and :class:`ConfigError`, ``load`` turns YAML and overrides into them
-(unknown keys name the closest valid one), ``presets`` the named model sizes. No torch or ray import.
+(unknown keys name the closest valid one), ``presets`` the named model sizes, ``validate`` every value and cross-field check (``validate(cfg)``). No torch or ray import.
 """
 
 from refseg.config.load import (
@@ -35,6 +35,7 @@ from refseg.config.schema import (
     TuneConfig,
     VisionConfig,
 )
+from refseg.config.validate import validate
 
 __all__ = [
     "PRESETS",
@@ -62,4 +63,5 @@ __all__ = [
     "parse_override",
     "preset_config",
     "shipped_path",
+    "validate",
 ]

@@ -28,6 +28,7 @@ import ray
 from ray.data.expressions import col
 
 from refseg.config import DataConfig
+from refseg.config.validate import validate_data
 from refseg.data.cache import cache_batch, cache_bytes, check_fits, keeps_original
 from refseg.data.refs import cap_refs, load_refs, refs_table, shuffle_ref_texts, shuffled_texts
 from refseg.data.samples import (
@@ -49,8 +50,6 @@ CacheSize = Callable[[bool], tuple[int, float | None]]  # original pixels? -> (r
 # ----------------------------------------------------------------------------- Parquet shards
 def shards_path(data_cfg: DataConfig, split: str) -> str:
     """``<data.parquet>/<split>``: a URI, or an absolute local path."""
-    if not data_cfg.parquet:
-        raise RefSegDataError("data.source is 'parquet' but data.parquet is not set; give the shards root")
     if is_uri(data_cfg.parquet):
         return posixpath.join(data_cfg.parquet, split)
     return os.path.join(os.path.abspath(os.path.expanduser(data_cfg.parquet)), split)
@@ -254,6 +253,7 @@ def build_dataset(
     (with data.cache): return those cache rows instead, for a consumer that samples them itself
     (training: :class:`refseg.data.cache.ShardCache` in every worker).
     """
+    validate_data(data_cfg)
     if cache_rows and not data_cfg.cache:
         raise ValueError("cache_rows=True needs data.cache=true")
     seed = 0 if seed is None else seed
@@ -285,6 +285,7 @@ def build_dataset(
 
 def count_refs(data_cfg: DataConfig, split: str) -> int:
     """Number of usable refs of ``split`` = rows of one training epoch (one sentence per ref)."""
+    validate_data(data_cfg)
     if data_cfg.source == "parquet":
         n = len(set(_light_table(shards_path(data_cfg, split), ["ref_id"]).column("ref_id").to_pylist()))
     else:

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from refseg.config import DataConfig
+from refseg.config.validate import validate_data
 from refseg.data.skips import RefSegDataError, SkipReport
 from refseg.data.sources.manifest import read_manifest
 from refseg.data.sources.refer import load_split_refs
@@ -97,6 +98,7 @@ def refs_table(refs: list[dict]) -> pa.Table:
 
 def load_refs(data_cfg: DataConfig, split: str, report: SkipReport | None = None) -> list[dict]:
     """The usable refs of ``split`` from the refer files or the manifest (listing-time skips -> report)."""
+    validate_data(data_cfg)
     if data_cfg.source == "refer":
         refs_file = os.path.join(os.path.expanduser(data_cfg.root), data_cfg.dataset, f"refs({data_cfg.split_by}).p")
         if data_cfg.synthetic and not os.path.exists(refs_file):  # never touches a real set at root
@@ -106,7 +108,6 @@ def load_refs(data_cfg: DataConfig, split: str, report: SkipReport | None = None
         return [{**r, "sent_ids": [s["sent_id"] for s in r["sentences"]],
                  "sentences": [s["sentence"] for s in r["sentences"]]} for r in refs]
     if data_cfg.source == "manifest":
-        if not data_cfg.manifest:
-            raise RefSegDataError("data.source is 'manifest' but data.manifest is not set; give its path")
         return group_refs(read_manifest(data_cfg.manifest, split, report=report))
-    raise RefSegDataError(f"data.source '{data_cfg.source}' is not one of refer | parquet | manifest")
+    raise RefSegDataError("load_refs reads refer or manifest data, not data.source 'parquet'; "
+                          "read Parquet shards with build_dataset or count_refs")

@@ -26,7 +26,7 @@ import numpy as np
 from refseg.config import DataConfig
 from refseg.data import skips
 from refseg.data.masks import decode_mask
-from refseg.data.skips import RefSegDataError, SkipReport, SkipSample
+from refseg.data.skips import SkipReport, SkipSample
 from refseg.data.sources.manifest import load_mask_png
 from refseg.data.transforms import (
     ImageError,
@@ -60,12 +60,7 @@ class SampleOptions:
 
 
 def sample_opts(data_cfg: DataConfig, train: bool, override: dict | None = None) -> SampleOptions:
-    """The :class:`SampleOptions` of ``data_cfg``; an augmentation setting out of range raises RefSegDataError."""
-    if not 0.0 < data_cfg.min_scale <= 1.0:
-        raise RefSegDataError(f"data.min_scale must lie in (0, 1] (the zoom-out draws a scale in [min_scale, 1]), "
-                              f"got {data_cfg.min_scale}; 1 turns the zoom-out off")
-    if not 0.0 <= data_cfg.hflip_prob <= 1.0:
-        raise RefSegDataError(f"data.hflip_prob must lie in [0, 1], got {data_cfg.hflip_prob}")
+    """The :class:`SampleOptions` of ``data_cfg`` (checked by :func:`refseg.config.validate.validate_data`)."""
     return SampleOptions(data_cfg.image_size, data_cfg.keep_aspect, data_cfg.max_tokens, train, data_cfg.augment,
                          data_cfg.hflip_prob, data_cfg.min_scale, override)
 

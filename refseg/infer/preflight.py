@@ -104,12 +104,12 @@ def _check_model_file(path: Path) -> None:
         raise ConfigError(f"model file '{path}' is not a refseg model.pt (missing model_config/state_dict).")
     try:
         config_from_dict({"model": payload["model_config"]})
-    except (ConfigError, TypeError, AttributeError) as e:
+    except (ConfigError, ValueError, TypeError, AttributeError) as e:
         raise ConfigError(f"model file '{path}' holds an invalid model config: {e}") from None
     if payload.get("config"):
         try:
             config_from_dict(payload["config"])
-        except (ConfigError, TypeError, AttributeError) as e:
+        except (ConfigError, ValueError, TypeError, AttributeError) as e:
             raise ConfigError(f"the checkpoint's stored config is not valid for this refseg version: {e}") from None
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from refseg.config import ModelConfig
 from refseg.config.presets import preset_config
+from refseg.config.validate import validate_model
 from refseg.models.decoder import Decoder
 from refseg.models.fusion import Fusion
 from refseg.models.text import TextEncoder, build_bert
@@ -103,6 +104,7 @@ def build_model(cfg: str | ModelConfig, pretrained: bool = True) -> RefSegModel:
     to count parameters offline or before loading a checkpoint.
     """
     cfg = preset_config(cfg) if isinstance(cfg, str) else copy.deepcopy(cfg)
+    validate_model(cfg)
     t = cfg.text
     vision = _build_vision(cfg, pretrained)  # vision, text, fusion, decoder: the order seeded inits depend on
     text = TextEncoder(build_bert(t.encoder, t.bert_config, pretrained), t.lstm_hidden, t.dim, t.freeze_encoder)
@@ -112,8 +114,6 @@ def build_model(cfg: str | ModelConfig, pretrained: bool = True) -> RefSegModel:
 
 def _build_vision(cfg: ModelConfig, pretrained: bool) -> VisionEncoder:
     v, f = cfg.vision, cfg.fusion
-    if f.level not in (4, 8, 16, 32):
-        raise ValueError(f"fusion.level must be one of 4, 8, 16, 32, got {f.level}.")
     return VisionEncoder(v.backbone, v.weights, pretrained, v.widths, v.blocks, v.norm, v.fpn_channels,
                          language_dim=cfg.text.dim if f.early else None)
 
@@ -128,9 +128,10 @@ def _build_fusion_decoder(cfg: ModelConfig, vision: VisionEncoder) -> tuple[Fusi
 
 def check_architecture(cfg: ModelConfig) -> None:
     """Raise the ValueError that building ``cfg``'s vision encoder, fusion and decoder would raise
-    (fusion.level, dim vs heads, widths/blocks, decoder layout, weights' form), in well under a second
-    and without memory: the modules are made on the meta device, no weights are read. The text
-    encoder is left out (its checks need the hub); the training driver calls this before any Ray work
-    so such errors are one sentence instead of a worker traceback."""
+    beyond :func:`refseg.config.validate.validate_model` (backbone, norm, widths/blocks, the weights'
+    form against torchvision), in well under a second and without memory: the modules are made on the
+    meta device, no weights are read. The text encoder is left out (its checks need the hub); the
+    training driver calls this before any Ray work so such errors are one sentence instead of a
+    worker traceback."""
     with torch.device("meta"):
         _build_fusion_decoder(cfg, _build_vision(cfg, pretrained=False))

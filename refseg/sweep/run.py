@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from refseg.config import Config, ConfigError, deep_copy, fix_floats
+from refseg.config.validate import validate_sweep
 from refseg.runtime import init_ray
 from refseg.sweep.outputs import SWEEP_FILE, SweepState, write_sweep_outputs
 from refseg.sweep.space import (
@@ -42,21 +43,6 @@ def _absolute_paths(base: dict) -> dict:
         if get_key(fixed, key) != get_key(raw, key):
             set_key(base, key, get_key(fixed, key))
     return base
-
-
-def check_sweep(cfg: Config) -> None:
-    """Refuse ``tune.*`` settings the sweep cannot run (one sentence naming the key)."""
-    t = cfg.tune
-    if t.mode not in ("max", "min"):
-        raise ConfigError(f"tune.mode must be 'max' or 'min', got {t.mode!r}")
-    if t.scheduler not in ("asha", "none"):
-        raise ConfigError(f"tune.scheduler must be 'asha' or 'none', got {t.scheduler!r}")
-    if t.search not in ("random", "optuna"):
-        raise ConfigError(f"tune.search must be 'random' or 'optuna', got {t.search!r}")
-    if t.grace_period < 1:
-        raise ConfigError(f"tune.grace_period must be at least 1 epoch, got {t.grace_period}")
-    if t.metric.startswith("val_") and cfg.train.val_every < 1:
-        raise ConfigError(f"tune.metric={t.metric} needs validation: set train.val_every to 1 (or more)")
 
 
 def make_tuner(trainable: Any, space: dict, cfg: Config, state: SweepState) -> Any:
@@ -130,7 +116,7 @@ def run_sweep(base: dict, space_data: Any, output_dir: str | Path, *, num_sample
     num_samples = cfg.tune.num_samples if num_samples is None else num_samples
     if num_samples < 1:
         raise ConfigError(f"--num-samples / tune.num_samples must be at least 1, got {num_samples}")
-    check_sweep(cfg)
+    validate_sweep(cfg)
     cluster = _start(cfg, address)
     need = per_trial_resources(base, space)
     concurrent = max_concurrent_trials(need, cluster,

@@ -14,11 +14,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-from refseg.config import Config, config_from_dict, load_yaml
+from refseg.config import Config, ConfigError, config_from_dict, load_yaml
+from refseg.io import read_bytes, resolve_path
 
 CKPT_TAG = "ckpt"
 STATE_FILE = "refseg_state.json"
-LOCAL_CHECKPOINTS = "checkpoints"  # Ray Train local mode: <output_dir>/checkpoints/epoch_NNNN
+LOCAL_CHECKPOINTS = "checkpoints"  # Ray Train local mode: <output_dir>/checkpoints/epoch_NNNN[.step_S]
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints, in its storage
+NOT_VALIDATED = -1.0  # the val_oiou reported with a stopped run's checkpoint: ranks it below every validated one
 
 
 @dataclasses.dataclass
@@ -28,7 +31,10 @@ class RunState:
     ``history``: one metrics dict per finished epoch (what metrics.jsonl lists). The ``budget_*`` fields
     and ``epochs`` exist with ``train.time_budget_s`` only: the ``time.time()`` the current
     ``refseg train`` call started, the budget seconds earlier calls spent and all calls together, and
-    the epoch count fitted to the budget."""
+    the epoch count fitted to the budget. ``partial`` exists when the run stopped inside epoch
+    ``epoch + 1`` (:func:`refseg.train.epoch.train_epoch`): its optimizer ``steps`` so far, the sums over
+    every rank (``loss_sum`` of ``losses`` micro-batch losses, ``samples``, ``time_s`` seconds) and the
+    ref ids it trained (``seen``), so that a resume finishes the epoch with the rest of its samples."""
 
     epoch: int = 0  # epochs finished
     global_step: int = 0  # optimizer steps taken
@@ -37,6 +43,7 @@ class RunState:
     budget_spent_before_s: float | None = None
     budget_used_s: float | None = None
     epochs: int | None = None
+    partial: dict | None = None
 
     def to_dict(self) -> dict:
         """The JSON form; the fields that are None are left out (a run without a budget has none)."""
@@ -68,9 +75,46 @@ def read_state(directory: Path) -> RunState:
     return RunState.from_dict(json.loads((directory / STATE_FILE).read_text()))
 
 
-def local_checkpoint_dir(output_dir: str | Path, epoch: int) -> Path:
-    """Where Ray Train local mode keeps the checkpoint of 1-based ``epoch``."""
-    return Path(output_dir) / LOCAL_CHECKPOINTS / f"epoch_{epoch:04d}"
+def local_checkpoint_dir(output_dir: str | Path, state: RunState) -> Path:
+    """Where Ray Train local mode keeps the checkpoint of ``state``: ``epoch_NNNN`` after epoch NNNN, or
+    ``epoch_NNNN.step_SSSSSSSSS`` when the run stopped at global step S inside the next epoch (the names
+    sort in the order the run wrote them)."""
+    name = f"epoch_{state.epoch:04d}" + (f".step_{state.global_step:09d}" if state.partial else "")
+    return Path(output_dir) / LOCAL_CHECKPOINTS / name
+
+
+def local_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The local-mode checkpoint dirs of ``output_dir``, oldest first."""
+    return sorted((Path(output_dir) / LOCAL_CHECKPOINTS).glob("epoch_*"))
+
+
+def checkpoint_epoch(directory: Path) -> int | None:
+    """The epoch a local-mode checkpoint dir ends, or None for one inside an epoch (a stopped run's)."""
+    name = directory.name.removeprefix("epoch_")
+    return int(name) if name.isdigit() else None
+
+
+def check_resume(output_dir: str | Path, local: bool) -> None:
+    """``--resume``: raise ConfigError unless ``output_dir`` holds a run with a checkpoint to continue from.
+    Reads files only (no Ray) and creates nothing."""
+    out = Path(output_dir).expanduser().resolve()
+    run_file = out / "run.json"
+    if not run_file.is_file():
+        raise ConfigError(f"--resume: '{out}' holds no run to continue (no run.json); start the run without --resume")
+    if local:
+        found = bool(local_checkpoints(out))
+    else:
+        run = json.loads(run_file.read_text())
+        try:
+            snapshot = json.loads(read_bytes(resolve_path(run["storage_path"], f"{run['name']}/{RAY_SNAPSHOT}")))
+            found = snapshot.get("latest_checkpoint_result") is not None
+        except (FileNotFoundError, json.JSONDecodeError):
+            found = False
+    if not found and not local and local_checkpoints(out):
+        raise ConfigError(f"--resume: the run in '{out}' was started with --local; resume it with --local")
+    if not found:
+        raise ConfigError(f"--resume: the run in '{out}' has no checkpoint to continue from (it stopped before "
+                          "its first one); start it again without --resume in a new --output-dir")
 
 
 def save_and_report(engine, cfg: Config, state: RunState, metrics: dict, rank: int, output_dir: str,
@@ -86,7 +130,7 @@ def save_and_report(engine, cfg: Config, state: RunState, metrics: dict, rank: i
     from ray.train import Checkpoint
 
     if local:
-        directory = local_checkpoint_dir(output_dir, state.epoch)
+        directory = local_checkpoint_dir(output_dir, state)
         directory.mkdir(parents=True, exist_ok=True)
         save_checkpoint(engine, directory, cfg, state, rank)
         ray.train.report(metrics)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from datetime import datetime
@@ -18,11 +17,12 @@ from pathlib import Path
 
 from refseg import runtime
 from refseg.config import Config, ConfigError
+from refseg.config.validate import validate
 from refseg.io import write_text_atomic
 from refseg.runtime import init_ray, local_env
-from refseg.train.checkpoint import LOCAL_CHECKPOINTS
-from refseg.train.engine import check_precision
+from refseg.train.checkpoint import check_resume, local_checkpoints
 from refseg.train.outputs import write_outputs
+from refseg.train.stop import StopRequest, TrainingStopped
 
 
 def absolutize(cfg: Config) -> Config:
@@ -73,9 +73,10 @@ def check_resources(cfg: Config, local: bool) -> None:
 
 
 def check_model(cfg: Config) -> None:
-    """Model-layout errors (fusion.level, dim vs heads, decoder stages, ...) and a tokenizer / pretrained
-    text encoder that is neither local, cached nor downloadable as one ConfigError sentence from the
-    driver, before any Ray work -- not as a traceback (or minutes of download retries) from every worker."""
+    """The model checks that need torch or the hub (backbone, norm, widths, weights names; a tokenizer /
+    pretrained text encoder that is neither local, cached nor downloadable) as one ConfigError sentence
+    from the driver, before any Ray work -- not as a traceback (or minutes of download retries) from
+    every worker. The layout arithmetic is :func:`refseg.config.validate.validate_model`'s."""
     from refseg.models.refseg_model import check_architecture
     from refseg.models.text import check_text_sources
 
@@ -86,28 +87,6 @@ def check_model(cfg: Config) -> None:
     try:
         check_text_sources(cfg.model.text)  # the tokenizer / pretrained BERT: local, cached or reachable
     except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-def check_schedule(cfg: Config) -> None:
-    """train.epochs / train.time_budget_s that cannot make a schedule, as one sentence before Ray starts."""
-    if cfg.train.epochs < 1:
-        raise ConfigError(f"train.epochs must be at least 1, got {cfg.train.epochs}")
-    budget = cfg.train.time_budget_s
-    if budget is not None and not (budget > 0 and math.isfinite(budget)):
-        raise ConfigError(f"train.time_budget_s must be a positive number of seconds (or null for no budget), "
-                          f"got {budget}")
-
-
-def check_augmentation(cfg: Config) -> None:
-    """data.min_scale / data.hflip_prob out of range as one sentence before Ray starts (the data
-    pipeline raises the same sentence, but only after Ray and the output dir exist)."""
-    from refseg.data.samples import sample_opts
-    from refseg.data.skips import RefSegDataError
-
-    try:
-        sample_opts(cfg.data, train=True)
-    except RefSegDataError as e:
         raise ConfigError(str(e)) from None
 
 
@@ -147,11 +126,10 @@ def steps_per_epoch(train_rows: int, cfg: Config, world: int) -> int:
 
 
 def check_config(cfg: Config) -> None:
-    """Every error ``cfg`` can cause in the workers, as one ConfigError sentence before any Ray work."""
-    check_precision(cfg.train.precision, cuda=cfg.train.use_gpu)
+    """Every error ``cfg`` can cause in the workers, as one ConfigError sentence before any Ray work:
+    its values (:func:`refseg.config.validate.validate`), then what needs torch or the hub."""
+    validate(cfg)
     check_model(cfg)
-    check_schedule(cfg)
-    check_augmentation(cfg)
 
 
 def prepare_environment(cfg: Config) -> None:
@@ -180,9 +158,23 @@ class PreparedRun:
 
 def run_training(cfg: Config, output_dir: str | Path, *, resume: bool = False, local: bool = False,
                  address: str | None = None) -> dict:
-    """Train ``cfg`` and write every output into ``output_dir``; returns the summary dict."""
-    trainer, run = make_trainer(cfg, output_dir, resume=resume, local=local, address=address)
-    return finish_training(trainer.fit(), run)
+    """Train ``cfg`` and write every output into ``output_dir``; returns the summary dict.
+
+    SIGINT / SIGTERM during training stop every worker after the same step with a checkpoint
+    (:mod:`refseg.train.stop`): the outputs are written for the epochs that ran and
+    :class:`~refseg.train.stop.TrainingStopped` (a KeyboardInterrupt) is raised with the summary, whose
+    ``"interrupted"`` says where; ``resume=True`` continues from there. ``resume`` on a dir without a run
+    or a checkpoint raises ConfigError first."""
+    if resume:
+        check_resume(output_dir, local)  # before any Ray work or file
+    stop = StopRequest(local)
+    trainer, run = make_trainer(cfg, output_dir, resume=resume, local=local, address=address, stop=stop.name)
+    with stop:
+        result = stop.run(trainer.fit)
+    summary = finish_training(result, run, stopped_by=stop.signum)
+    if "interrupted" in summary:
+        raise TrainingStopped(stop.signum, summary)
+    return summary
 
 
 def open_run(cfg: Config, out: Path, resume: bool) -> dict:
@@ -209,10 +201,12 @@ def make_trainer(
     local: bool = False,
     address: str | None = None,
     callbacks: list | None = None,
+    stop: str | None = None,
 ):
     """Everything ``run_training`` does before ``fit()``; returns (TorchTrainer, PreparedRun).
 
-    ``callbacks``: Ray Train ``UserCallback``s for the RunConfig (a Tune trial passes TuneReportCallback)."""
+    ``callbacks``: Ray Train ``UserCallback``s for the RunConfig (a Tune trial passes TuneReportCallback);
+    ``stop``: the name of the :class:`refseg.train.stop.StopRequest` the workers watch."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -233,10 +227,11 @@ def make_trainer(
     runtime.quiet_data()
     datasets, train_rows = build_datasets(cfg, world)
     spe = steps_per_epoch(train_rows, cfg, world)
-    loop = LoopConfig(config=cfg.to_dict(), output_dir=str(out), steps_per_epoch=spe, t0=t0, local=local)
+    loop = LoopConfig(config=cfg.to_dict(), output_dir=str(out), steps_per_epoch=spe, t0=t0, local=local,
+                      stop=stop)
     if local:
         local_env()
-        ckpts = sorted((out / LOCAL_CHECKPOINTS).glob("epoch_*")) if resume else []
+        ckpts = local_checkpoints(out) if resume else []
         if ckpts:
             loop.resume_from = str(ckpts[-1])
     (out / "run.json").write_text(json.dumps(run, indent=1))
@@ -271,9 +266,10 @@ def make_trainer(
     return trainer, PreparedRun(cfg, out, local, spe, t0)
 
 
-def finish_training(result, run: PreparedRun) -> dict:
-    """After ``fit()``: raise the run's error, else write every output (outputs.write_outputs)."""
+def finish_training(result, run: PreparedRun, stopped_by: int = 0) -> dict:
+    """After ``fit()``: raise the run's error, else write every output (outputs.write_outputs);
+    ``stopped_by``: the signal that stopped the run (0: none)."""
     if result.error is not None:
         raise result.error
     return write_outputs(run.cfg, run.out, result, local=run.local, steps_per_epoch=run.steps_per_epoch,
-                         wall_s=time.time() - run.t0)
+                         wall_s=time.time() - run.t0, stopped_by=stopped_by)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from refseg.config import Config, ConfigError, DeepSpeedConfig, TrainConfig
+from refseg.config.validate import validate_deepspeed, validate_precision
 
 
 # ----------------------------------------------------------------------------- DeepSpeed config
@@ -28,26 +29,14 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def check_precision(precision: str, cuda: bool) -> None:
-    """Raise a one-sentence error for precisions the device cannot run."""
-    if precision not in ("bf16", "fp16", "fp32"):
-        raise ConfigError(f"train.precision must be bf16, fp16 or fp32, got '{precision}'")
-    if precision == "fp16" and not cuda:
-        raise ConfigError(
-            "train.precision=fp16 needs a CUDA GPU (DeepSpeed has no fp16 on CPU); "
-            "use train.precision=bf16 or fp32 on CPU"
-        )
-
-
 def build_deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, cuda: bool) -> dict:
     """The DeepSpeed JSON for one engine: ZeRO stage, precision, accumulation, clipping.
 
     ``ds.config_file`` (a DeepSpeed JSON) is merged under the generated keys' defaults and
     ``ds.extra`` is merged last, so any raw DeepSpeed key can be set from YAML.
     """
-    check_precision(train.precision, cuda)
-    if ds.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}")
+    validate_precision(train.precision, cuda)  # the device this engine runs on
+    validate_deepspeed(ds)
     zero: dict = {"stage": ds.zero_stage}
     if ds.zero_stage > 0:
         zero["contiguous_gradients"] = True
@@ -191,18 +180,26 @@ def world_size() -> int:
     return 1
 
 
+def collective_device() -> torch.device:
+    """Where the process group's tensors live: this rank's GPU under NCCL (it has no CPU tensors), else the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """The element-wise sum of ``t`` over every rank (a copy; ``t`` itself with one rank)."""
+    """The element-wise sum of CPU tensor ``t`` over every rank (a copy; ``t`` itself with one rank)."""
     if world_size() > 1:
-        t = t.clone()
+        t = t.to(collective_device(), copy=True)
         torch.distributed.all_reduce(t)
+        t = t.cpu()
     return t
 
 
 def all_reduce_min(n: int) -> int:
     """The smallest ``n`` any rank holds: every rank then runs the same number of steps / epochs."""
     if world_size() > 1:
-        t = torch.tensor([n], dtype=torch.int64)
+        t = torch.tensor([n], dtype=torch.int64, device=collective_device())
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
         n = int(t.item())
     return n

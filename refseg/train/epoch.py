@@ -1,15 +1,17 @@
 """One epoch on a DeepSpeed engine: train over this rank's batches, validate this rank's val share.
 
-    stats = train_epoch(engine, batches, cfg, state, ctx)    # {"loss", "samples", "samples_per_s", ...}
+    stats = train_epoch(engine, batches, cfg, state, ctx, stop)   # {"loss", "samples", ...}; None: stopped
     metrics = validate(engine, val_batches, ctx)             # {"val_oiou", "val_miou", ...}, all ranks merged
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,34 +54,85 @@ def epoch_actions(epoch: int, train: TrainConfig) -> tuple[bool, bool]:
     return validate, checkpoint
 
 
-def train_epoch(engine, batches: Iterable[dict], cfg: Config, state: RunState, ctx: WorkerContext) -> dict:
-    """One pass over this worker's batches (counting ``state.global_step``); returns the epoch's mean loss
-    and throughput over every rank."""
+def train_epoch(engine, batches: Iterable[dict], cfg: Config, state: RunState, ctx: WorkerContext,
+                stop: Callable[[], bool]) -> dict | None:
+    """One epoch over this worker's batches (counting ``state.global_step``), or the rest of the epoch
+    ``state.partial`` holds; returns the whole epoch's mean loss and throughput over every rank.
+
+    Before each optimizer step the ranks agree (one all-reduce) whether any was asked to ``stop`` or has
+    run out of batches: all then end after the same step (the ZeRO collectives need every rank). After a
+    stop it returns None with ``state.partial`` holding the epoch so far (unchanged without a new step)."""
     engine.train()
-    losses, samples, t0 = [], 0, time.perf_counter()
-    max_micro = (cfg.train.max_steps_per_epoch or 0) * cfg.train.grad_accum
-    for micro, batch in enumerate(batches, start=1):
-        image, ids, attn, mask = to_inputs(batch, ctx.device, ctx.dtype)
-        out = engine(image, ids, attn)
-        loss = refseg_loss(out["logits"], mask, cfg.model.loss.bce_weight, cfg.model.loss.dice_weight)
-        engine.backward(loss)
-        engine.step()
-        samples += image.shape[0]
-        losses.append(float(loss.detach()))
-        if micro % cfg.train.grad_accum == 0:
-            state.global_step += 1
-            if ctx.rank == 0 and state.global_step % max(1, cfg.train.log_every) == 0:
-                _progress(cfg, state, ctx, micro, losses, samples, time.perf_counter() - t0)
-        if max_micro and micro >= max_micro:
+    part = state.partial or {}
+    first = done = part.get("steps", 0)
+    batches = iter(batches)
+    losses, seen, samples, stopped, t0 = [], [], 0, False, time.perf_counter()
+    while done < ctx.steps_per_epoch:
+        group = list(itertools.islice(batches, cfg.train.grad_accum))
+        flags = all_reduce_sum(torch.tensor([stop(), len(group) < cfg.train.grad_accum], dtype=torch.int64))
+        stopped = bool(flags[0])
+        if stopped or flags[1]:
             break
+        for batch in group:
+            image, ids, attn, mask = to_inputs(batch, ctx.device, ctx.dtype)
+            out = engine(image, ids, attn)
+            loss = refseg_loss(out["logits"], mask, cfg.model.loss.bce_weight, cfg.model.loss.dice_weight)
+            engine.backward(loss)
+            engine.step()
+            samples += image.shape[0]
+            losses.append(float(loss.detach()))
+            seen.extend(np.asarray(batch["ref_id"]).tolist())
+        done += 1
+        state.global_step += 1
+        if ctx.rank == 0 and state.global_step % max(1, cfg.train.log_every) == 0:
+            _progress(cfg, state, ctx, done, done - first, losses, samples, time.perf_counter() - t0)
     elapsed = time.perf_counter() - t0
     total = all_reduce_sum(torch.tensor([sum(losses), len(losses), samples], dtype=torch.float64))
+    sums = {"loss_sum": part.get("loss_sum", 0.0) + float(total[0]), "losses": part.get("losses", 0) + int(total[1]),
+            "samples": part.get("samples", 0) + int(total[2]), "time_s": part.get("time_s", 0.0) + elapsed}
+    if stopped:
+        if done > first:
+            trained = [r for rank_seen in all_gather_objects(seen) for r in rank_seen]
+            state.partial = {"steps": done, **sums, "seen": sorted(part.get("seen", []) + trained)}
+        return None
+    state.partial = None
     return {
-        "loss": float(total[0] / max(1.0, total[1])),
-        "samples": int(total[2]),
-        "samples_per_s": float(total[2]) / max(elapsed, 1e-9),
-        "epoch_time_s": elapsed,
+        "loss": sums["loss_sum"] / max(1, sums["losses"]),
+        "samples": sums["samples"],
+        "samples_per_s": sums["samples"] / max(sums["time_s"], 1e-9),
+        "epoch_time_s": sums["time_s"],
     }
+
+
+def unseen_batches(batches: Iterable[dict], seen: Collection[int], batch_size: int, spare: int) -> Iterator[dict]:
+    """``batches`` re-cut into batches of ``batch_size`` rows whose ``ref_id`` is not in ``seen``: the rest
+    of an epoch that a stopped run began. When those run out, up to ``spare`` of the rows passed over
+    fill the last batches (a rank may now hold more of ``seen`` than its share, and every rank must
+    still take the epoch's steps)."""
+    seen_ids = np.fromiter(seen, np.int64, len(seen))
+    rows: dict | None = None
+    kept: dict | None = None
+    for batch in batches:
+        new = ~np.isin(np.asarray(batch["ref_id"]), seen_ids)
+        rows = _join(rows, _take(batch, new))
+        room = spare - (len(kept["ref_id"]) if kept else 0)
+        if room > 0:
+            kept = _join(kept, _take(batch, np.flatnonzero(~new)[:room]))
+        while len(rows["ref_id"]) >= batch_size:
+            yield _take(rows, slice(0, batch_size))
+            rows = _take(rows, slice(batch_size, None))
+    if rows is not None and kept is not None:
+        rows = _join(rows, kept)
+        for start in range(0, len(rows["ref_id"]) - batch_size + 1, batch_size):
+            yield _take(rows, slice(start, start + batch_size))
+
+
+def _take(batch: dict, index: Any) -> dict:
+    return {k: np.asarray(v)[index] for k, v in batch.items()}
+
+
+def _join(a: dict | None, b: dict) -> dict:
+    return b if a is None else {k: np.concatenate([a[k], b[k]]) for k in a}
 
 
 @torch.no_grad()
@@ -113,11 +166,11 @@ def brief(metrics: dict) -> str:
     return " ".join(f"{k} {float(v):.4g}" for k, v in metrics.items() if k not in skip)
 
 
-def _progress(cfg: Config, state: RunState, ctx: WorkerContext, micro: int, losses: list, samples: int,
-              dt: float) -> None:
-    step_in_epoch = micro // cfg.train.grad_accum
+def _progress(cfg: Config, state: RunState, ctx: WorkerContext, step_in_epoch: int, steps: int, losses: list,
+              samples: int, dt: float) -> None:
+    """The progress line after ``step_in_epoch`` of the epoch, ``steps`` of them (``samples``) in ``dt`` s."""
     rate = samples * ctx.world / max(dt, 1e-9)
-    eta = (ctx.steps_per_epoch - step_in_epoch) * dt / max(step_in_epoch, 1)
+    eta = (ctx.steps_per_epoch - step_in_epoch) * dt / max(steps, 1)
     recent = losses[-cfg.train.log_every * cfg.train.grad_accum :]
     say(
         f"epoch {state.epoch + 1}/{cfg.train.epochs} step {step_in_epoch}/{ctx.steps_per_epoch} "

@@ -4,7 +4,8 @@
 
 Built from small helpers in the style of Ray's DeepSpeed example: set up the engine (engine.py),
 restore (checkpoint.py), train and validate one epoch (epoch.py), fit the time budget (budget.py),
-save + report a checkpoint. The driver (driver.py) owns Ray start-up, paths and the outputs.
+save + report a checkpoint; when the driver asks (stop.py), stop after a step with a checkpoint whose
+run state lets a resume finish the epoch. The driver (driver.py) owns Ray start-up, paths and the outputs.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import torch
 from refseg.config import Config, config_from_dict
 from refseg.data.cache import KeptBatches
 from refseg.train.budget import TimeBudget, set_schedule_total, with_epochs
-from refseg.train.checkpoint import RunState, load_checkpoint, save_and_report
+from refseg.train.checkpoint import NOT_VALIDATED, RunState, load_checkpoint, save_and_report
 from refseg.train.engine import all_reduce_min, engine_dtype, pick_device, setup_engine
-from refseg.train.epoch import WorkerContext, brief, epoch_actions, say, train_epoch, validate
+from refseg.train.epoch import WorkerContext, brief, epoch_actions, say, train_epoch, unseen_batches, validate
+from refseg.train.stop import StopWatch
 
 VAL_KEEP_BYTES = 2**29  # decoded val batches a worker keeps in memory to replay (larger val shards stream)
+SPARE_STEPS = 8  # a stopped epoch's rest: steps of trained rows a rank may repeat when its new ones run out
 
 
 @dataclasses.dataclass
@@ -40,6 +43,7 @@ class LoopConfig:
     t0: float  # time.time() when the driver started this run (or this resume)
     local: bool = False  # Ray Train local mode: the loop runs in the driver, checkpoints go to output_dir
     resume_from: str | None = None  # local mode --resume: the latest checkpoint dir
+    stop: str | None = None  # the name of the driver's refseg.train.stop.StopRequest (None: no stopping)
 
 
 def worker_context(cfg: Config, steps_per_epoch: int) -> WorkerContext:
@@ -80,19 +84,24 @@ def shard_cache(shard, cfg: Config) -> tuple[Any, int]:
     return cache, all_reduce_min(len(cache) // cfg.train.batch_size)
 
 
-def train_batches(shard, cfg: Config) -> Callable[[], Iterable[dict]]:
+def train_batches(shard, cfg: Config) -> Callable[[dict | None], Iterable[dict]]:
     """A function giving one epoch of this rank's training batches: re-sampled from the rows decoded once
-    (data.cache, pulled on the first epoch) or streamed from its Ray Data shard."""
-    if not cfg.data.cache:
-        return lambda: shard.iter_batches(batch_size=cfg.train.batch_size, drop_last=True, prefetch_batches=2,
-                                          batch_format="numpy")
+    (data.cache, pulled on the first epoch) or streamed from its Ray Data shard. Given a stopped run's
+    ``RunState.partial``, the rest of that epoch: the rows it has not trained."""
+    size = cfg.train.batch_size
     cached = functools.cache(lambda: shard_cache(shard, cfg))
 
-    def from_cache() -> Iterable[dict]:
-        cache, batches = cached()
-        return cache.epoch(cfg.train.batch_size, batches)
+    def epoch(partial: dict | None) -> Iterable[dict]:
+        if cfg.data.cache:
+            cache, count = cached()
+            batches = cache.epoch(size, count)
+        else:
+            batches = shard.iter_batches(batch_size=size, drop_last=True, prefetch_batches=2, batch_format="numpy")
+        if partial is None:
+            return batches
+        return unseen_batches(batches, partial["seen"], size, SPARE_STEPS * size * cfg.train.grad_accum)
 
-    return from_cache
+    return epoch
 
 
 def val_batches(shard, cfg: Config) -> Iterable[dict]:
@@ -113,6 +122,24 @@ def fit_budget(budget: TimeBudget, cfg: Config, state: RunState, scheduler, ctx:
     return with_epochs(cfg, n)
 
 
+def save_stopped(engine, cfg: Config, state: RunState, ctx: WorkerContext, run: LoopConfig,
+                 budget: TimeBudget | None, saved: bool) -> None:
+    """Every rank stopped after the same step: save and report a checkpoint, unless the latest one
+    (``saved``) holds this state already."""
+    steps = (state.partial or {}).get("steps", 0)
+    if ctx.rank == 0:
+        where = f"in epoch {state.epoch + 1} after step {state.global_step}" if steps else f"after epoch {state.epoch}"
+        say(f"stopped {where}" + ("" if saved else ": saving a checkpoint"))
+    if saved:
+        return
+    if budget is not None:
+        budget.record(state, time.time())
+    metrics = {"epoch": state.epoch, "step": state.global_step, "epoch_steps": steps}
+    if cfg.train.val_every:  # not validated: an impossible oIoU ranks it below every validated checkpoint
+        metrics["val_oiou"] = NOT_VALIDATED  # (without a score Ray logs an error; -inf becomes null in its JSON)
+    save_and_report(engine, cfg, state, metrics, ctx.rank, run.output_dir, run.local)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point: ``loop_config`` is ``dataclasses.asdict(LoopConfig(...))``."""
     import ray.train
@@ -131,13 +158,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if state.epochs:  # fitted to the budget before this restart / resume: keep it
             cfg = with_epochs(cfg, min(cfg.train.epochs, state.epochs))
     set_schedule_total(scheduler, run.steps_per_epoch * cfg.train.epochs)  # a checkpoint's count or the config's
-    if state.epoch and ctx.rank == 0:
-        say(f"resumed at epoch {state.epoch} step {state.global_step}")
+    if (state.epoch or state.partial) and ctx.rank == 0:
+        inside = f", {state.partial['steps']} steps into epoch {state.epoch + 1}" if state.partial else ""
+        say(f"resumed at epoch {state.epoch} step {state.global_step}{inside}")
 
+    watch = StopWatch(run.stop)
     next_epoch = train_batches(ray.train.get_dataset_shard("train"), cfg)
     val = val_batches(ray.train.get_dataset_shard(f"val_{ctx.rank}"), cfg) if cfg.train.val_every else None
+    saved_step = None if state == RunState() else state.global_step  # the global step of the latest checkpoint
     while state.epoch < cfg.train.epochs:
-        stats = train_epoch(engine, next_epoch(), cfg, state, ctx)
+        stats = train_epoch(engine, next_epoch(state.partial), cfg, state, ctx, watch.requested)
+        if stats is None:  # the driver asked to stop
+            save_stopped(engine, cfg, state, ctx, run, budget, saved=state.global_step == saved_step)
+            return
         metrics = {"epoch": state.epoch + 1, "step": state.global_step, "lr": max(scheduler.get_last_lr()), **stats}
         last = state.epoch + 1 == cfg.train.epochs
         validate_now, checkpoint = epoch_actions(state.epoch + 1, cfg.train)
@@ -154,5 +187,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             say(f"epoch {state.epoch} done: {brief(metrics)}")
         if checkpoint:
             save_and_report(engine, cfg, state, metrics, ctx.rank, run.output_dir, run.local)
+            saved_step = state.global_step
         else:
             ray.train.report(metrics)

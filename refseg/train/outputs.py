@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
 from refseg.config import Config
 from refseg.io import new_figure, save_figure_atomic, write_text_atomic
-from refseg.train.checkpoint import LOCAL_CHECKPOINTS, export_checkpoint, read_state
+from refseg.train.checkpoint import (
+    NOT_VALIDATED,
+    RunState,
+    checkpoint_epoch,
+    export_checkpoint,
+    local_checkpoints,
+    read_state,
+)
 
 
 def _materialize(checkpoint, dest: Path) -> Path:
@@ -36,56 +44,74 @@ def plot_curves(history: list[dict], path: Path) -> None:
     save_figure_atomic(fig, path)
 
 
-def _local_checkpoints(out: Path, keep: int) -> tuple[Path, Path | None, list[dict]]:
-    """Local mode: prune to best-K by val oIoU + latest; return (latest, best, history)."""
-    ckpts = sorted((out / LOCAL_CHECKPOINTS).glob("epoch_*"))
+def _local_checkpoints(out: Path, keep: int) -> tuple[Path, Path | None, RunState]:
+    """Local mode: prune to best-K by val oIoU + latest; return (latest, best, the latest's run state).
+    A stopped run's checkpoint inside an epoch is never scored (it was not validated)."""
+    ckpts = local_checkpoints(out)
     latest = ckpts[-1]
-    history = read_state(latest).history
-    by_epoch = {h["epoch"]: h for h in history}
-    scored = [c for c in ckpts if "val_oiou" in by_epoch.get(int(c.name.split("_")[1]), {})]
-    scored.sort(key=lambda c: by_epoch[int(c.name.split("_")[1])]["val_oiou"], reverse=True)
+    state = read_state(latest)
+    by_epoch = {h["epoch"]: h for h in state.history}
+    scored = [c for c in ckpts if "val_oiou" in by_epoch.get(checkpoint_epoch(c), {})]
+    scored.sort(key=lambda c: by_epoch[checkpoint_epoch(c)]["val_oiou"], reverse=True)
     best = scored[0] if scored else None
     for c in ckpts:
         if c != latest and c not in scored[: max(1, keep)]:
             shutil.rmtree(c, ignore_errors=True)
-    return latest, best, history
+    return latest, best, state
 
 
-def write_outputs(cfg: Config, out: Path, result, *, local: bool, steps_per_epoch: int, wall_s: float) -> dict:
+def interruption(cfg: Config, state: RunState, signum: int) -> dict | None:
+    """Where a run that signal ``signum`` stopped ended, when before its last epoch: ``{"signal",
+    "epochs_done", "step", "epoch_steps"}`` (optimizer steps into the next epoch); None for a finished run
+    (or ``signum`` 0)."""
+    steps = (state.partial or {}).get("steps", 0)
+    if not signum or (not steps and state.epoch >= (state.epochs or cfg.train.epochs)):
+        return None
+    return {"signal": signal.Signals(signum).name, "epochs_done": state.epoch, "step": state.global_step,
+            "epoch_steps": steps}
+
+
+def write_outputs(cfg: Config, out: Path, result, *, local: bool, steps_per_epoch: int, wall_s: float,
+                  stopped_by: int = 0) -> dict:
     """Write metrics.jsonl, curves.png, model.pt (from the best checkpoint by val oIoU, else the latest)
-    and summary.json into ``out``; return the summary."""
+    and summary.json into ``out``; return the summary. A run stopped by signal ``stopped_by`` before its
+    end gets ``"interrupted"`` (:func:`interruption`) and its outputs cover the epochs it finished."""
     if local:
-        latest_dir, best_dir, history = _local_checkpoints(out, cfg.train.keep_checkpoints)
+        latest_dir, best_dir, state = _local_checkpoints(out, cfg.train.keep_checkpoints)
         best_path = str(best_dir or latest_dir)
     else:
         staging = Path(tempfile.mkdtemp(prefix="refseg-export-"))
         latest_dir = _materialize(result.checkpoint, staging / "latest")
-        history = read_state(latest_dir).history
+        state = read_state(latest_dir)
         best_ckpt = result.checkpoint
         if cfg.train.val_every and result.best_checkpoints:
-            scored = [(c, m) for c, m in result.best_checkpoints if "val_oiou" in m]
+            scored = [(c, m) for c, m in result.best_checkpoints if m.get("val_oiou", NOT_VALIDATED) >= 0]
             if scored:
                 best_ckpt = max(scored, key=lambda cm: cm[1]["val_oiou"])[0]
         best_dir = latest_dir if best_ckpt.path == result.checkpoint.path else _materialize(
             best_ckpt, staging / "best")
         best_path = best_ckpt.path
+    history = state.history
     write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     plot_curves(history, out / "curves.png")
     model_path = export_checkpoint(best_dir or latest_dir, out / "model.pt")
     val = [h for h in history if "val_oiou" in h]
     best = max(val, key=lambda h: h["val_oiou"]) if val else None
-    final = history[-1]
+    final = history[-1] if history else {}
     summary = {
         "best": {"oiou": best["val_oiou"], "miou": best["val_miou"], "epoch": best["epoch"]} if best else None,
         "final": {k: final[k] for k in ("epoch", "loss", "val_oiou", "val_miou") if k in final},
         "model_path": str(model_path),
         "best_checkpoint": best_path,
         "latest_checkpoint": str(latest_dir) if local else result.checkpoint.path,
-        "epochs": final["epoch"],
-        "steps": final["step"],
+        "epochs": state.epoch,
+        "steps": state.global_step,
         "steps_per_epoch": steps_per_epoch,
         "wall_s": round(wall_s, 1),
     }
+    stop = interruption(cfg, state, stopped_by)
+    if stop is not None:
+        summary["interrupted"] = stop
     if not local:
         shutil.rmtree(staging, ignore_errors=True)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))

@@ -1,0 +1,107 @@
+"""Every value and cross-field check of the configuration, as one :class:`ConfigError` sentence each.
+
+    validate(cfg)            # the training driver, before any Ray work: model, data, train, deepspeed
+    validate_sweep(cfg)      # a sweep, before Ray starts: the tune section (and its needs from train)
+    validate_data(cfg.data)  # build_dataset / count_refs / load_refs; validate_model: build_model
+
+Each function reads only its section, so the builders of a section refuse bad values for Python API
+users too. Checks that need the environment stay with their code: the Hugging Face hub / cache
+(``models.text.check_text_sources``), torchvision weight names and backbone layouts
+(``models.refseg_model.check_architecture``), files (``deepspeed.config_file``), the cluster's
+resources (``train.driver.check_resources``). Pure: imports only the schema and the standard library.
+"""
+
+from __future__ import annotations
+
+import math
+
+from refseg.config.schema import Config, ConfigError, DataConfig, DeepSpeedConfig, ModelConfig, TrainConfig
+
+FUSION_LEVELS = (4, 8, 16, 32)
+PRECISIONS = ("bf16", "fp16", "fp32")
+SOURCES = ("refer", "parquet", "manifest")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError for the first value of ``cfg`` that training could not run with."""
+    validate_train(cfg.train)
+    validate_model(cfg.model)
+    validate_deepspeed(cfg.deepspeed)
+    validate_data(cfg.data)
+
+
+def validate_precision(precision: str, cuda: bool) -> None:
+    """``train.precision`` must be known and runnable: fp16 only on a CUDA device (``cuda``)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be bf16, fp16 or fp32, got '{precision}'")
+    if precision == "fp16" and not cuda:
+        raise ConfigError(
+            "train.precision=fp16 needs a CUDA GPU (DeepSpeed has no fp16 on CPU); "
+            "use train.precision=bf16 or fp32 on CPU"
+        )
+
+
+def validate_train(train: TrainConfig) -> None:
+    """train.precision (against train.use_gpu), train.epochs and train.time_budget_s."""
+    validate_precision(train.precision, cuda=train.use_gpu)
+    if train.epochs < 1:
+        raise ConfigError(f"train.epochs must be at least 1, got {train.epochs}")
+    budget = train.time_budget_s
+    if budget is not None and not (budget > 0 and math.isfinite(budget)):
+        raise ConfigError(f"train.time_budget_s must be a positive number of seconds (or null for no budget), "
+                          f"got {budget}")
+
+
+def validate_deepspeed(ds: DeepSpeedConfig) -> None:
+    """deepspeed.zero_stage must be a ZeRO stage."""
+    if ds.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}")
+
+
+def validate_model(model: ModelConfig) -> None:
+    """The layout arithmetic of ``model``: fusion.level, model.dim vs fusion.num_heads, the decoder stages."""
+    f, d = model.fusion, model.decoder
+    if f.level not in FUSION_LEVELS:
+        raise ConfigError(f"model: fusion.level must be one of 4, 8, 16, 32, got {f.level}.")
+    if f.num_layers >= 1 and f.num_heads < 1:
+        raise ConfigError(f"model: fusion.num_heads must be at least 1, got {f.num_heads}.")
+    if f.num_layers >= 1 and model.dim % f.num_heads:
+        raise ConfigError(f"model: model.dim={model.dim} must be divisible by fusion.num_heads={f.num_heads}.")
+    if not d.channels:
+        raise ConfigError("model: decoder.channels needs at least one entry.")
+    strides = [f.level / 2 ** (i + 1) for i in range(len(d.channels))]  # each decoder stage upsamples 2x
+    if d.stem_skip and 2.0 not in strides[:-1]:
+        raise ConfigError(
+            f"model: decoder.stem_skip needs a decoder stage at stride 2 before the last one; with fusion.level="
+            f"{f.level} and {len(d.channels)} decoder.channels the stages sit at strides "
+            f"{[int(s) if s.is_integer() else s for s in strides]}: add a channel or set stem_skip=false.")
+
+
+def validate_data(data: DataConfig) -> None:
+    """data.source and the path it needs, data.min_scale and data.hflip_prob."""
+    if data.source not in SOURCES:
+        raise ConfigError(f"data.source '{data.source}' is not one of refer | parquet | manifest")
+    if data.source == "parquet" and not data.parquet:
+        raise ConfigError("data.source is 'parquet' but data.parquet is not set; give the shards root")
+    if data.source == "manifest" and not data.manifest:
+        raise ConfigError("data.source is 'manifest' but data.manifest is not set; give its path")
+    if not 0.0 < data.min_scale <= 1.0:
+        raise ConfigError(f"data.min_scale must lie in (0, 1] (the zoom-out draws a scale in [min_scale, 1]), "
+                          f"got {data.min_scale}; 1 turns the zoom-out off")
+    if not 0.0 <= data.hflip_prob <= 1.0:
+        raise ConfigError(f"data.hflip_prob must lie in [0, 1], got {data.hflip_prob}")
+
+
+def validate_sweep(cfg: Config) -> None:
+    """The ``tune.*`` settings a sweep cannot run, and a metric that needs validation epochs."""
+    t = cfg.tune
+    if t.mode not in ("max", "min"):
+        raise ConfigError(f"tune.mode must be 'max' or 'min', got {t.mode!r}")
+    if t.scheduler not in ("asha", "none"):
+        raise ConfigError(f"tune.scheduler must be 'asha' or 'none', got {t.scheduler!r}")
+    if t.search not in ("random", "optuna"):
+        raise ConfigError(f"tune.search must be 'random' or 'optuna', got {t.search!r}")
+    if t.grace_period < 1:
+        raise ConfigError(f"tune.grace_period must be at least 1 epoch, got {t.grace_period}")
+    if t.metric.startswith("val_") and cfg.train.val_every < 1:
+        raise ConfigError(f"tune.metric={t.metric} needs validation: set train.val_every to 1 (or more)")
