@@ -27,9 +27,10 @@ def run_demo(output_dir: str | Path, data_root: str | Path | None = None, overri
 
     print(f"[demo] training the tiny model: {cfg.train.num_workers} Ray Train workers, "
           f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}, {cfg.train.precision}")
-    resume = (out / "train" / "run.json").exists() and not (out / "train" / "summary.json").exists()
-    summary = run_training(cfg, out / "train", resume=resume) if not (out / "train" / "summary.json").exists() \
-        else json.loads((out / "train" / "summary.json").read_text())
+    done = out / "train" / "summary.json"
+    summary = json.loads(done.read_text()) if done.exists() else None
+    if summary is None or "interrupted" in summary:  # not trained yet, or stopped early: (re)start or continue
+        summary = run_training(cfg, out / "train", resume=(out / "train" / "run.json").exists())
 
     print("[demo] evaluating model.pt on the val split at original resolution (Ray Data actors)")
     metrics = evaluate(summary["model_path"], root, cfg.data.dataset, cfg.data.split_by, cfg.data.val_split,

@@ -141,7 +141,10 @@ def sigterm_raises() -> Iterator[None]:
 
 
 def interrupt_exit_code(e: KeyboardInterrupt) -> int:
-    """130 for Ctrl-C (SIGINT), 143 after SIGTERM (:class:`Terminated`): the shell's 128 + signal."""
+    """130 for Ctrl-C (SIGINT), 143 after SIGTERM (:class:`Terminated`): the shell's 128 + signal (an
+    interrupt that carries its ``signum``, like a stopped training run, gives that)."""
+    if getattr(e, "signum", 0):
+        return 128 + int(e.signum)
     term = isinstance(e, Terminated) or _SIGTERM_SEEN["seen"]
     return 128 + int(signal.SIGTERM if term else signal.SIGINT)
 

@@ -212,9 +212,11 @@ def test_interrupt_reports_rows_done_and_exits_130_or_143(ckpt, tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_ctrl_c_mid_run_keeps_finished_rows_and_rerun_completes_each_once(ckpt, tmp_path):
-    """A real `refseg segment` gets Ctrl-C (SIGINT to its process group, as a terminal sends it) once its
-    first rows are in results.jsonl: no traceback, the sentence, exit 130; the re-run adds every other row."""
+@pytest.mark.parametrize("how", ["SIGINT to the group", "SIGTERM"])
+def test_interrupt_mid_run_keeps_finished_rows_and_rerun_completes_each_once(how, ckpt, tmp_path):
+    """A real `refseg segment` gets Ctrl-C (SIGINT to its process group, as a terminal sends it) or SIGTERM
+    (to its process, as `kill` or a spot node's notice sends it) once its first rows are in results.jsonl:
+    no traceback, the sentence, exit 130 / 143; the re-run adds every other row."""
     import os
     import signal
     import subprocess
@@ -239,13 +241,16 @@ def test_ctrl_c_mid_run_keeps_finished_rows_and_rerun_completes_each_once(ckpt, 
         while not (results.is_file() and results.stat().st_size > 0) and proc.poll() is None:
             assert time.time() < deadline, "no result within 10 minutes"
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGINT)
+        if how == "SIGTERM":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     done = [json.loads(line)["id"] for line in results.read_text().splitlines()]
-    assert proc.returncode == 130, stderr[-3000:]
+    assert proc.returncode == (143 if how == "SIGTERM" else 130), stderr[-3000:]
     assert "Traceback" not in stderr + stdout, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == f"refseg: interrupted: {len(done)} done, re-run the same command to continue"
     assert 0 < len(done) < rows

@@ -115,8 +115,8 @@ def add_verbs(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--data-root", default=None, help="where the synthetic set lives (default: <output-dir>/data)")
     add_overrides(p)
-    p.set_defaults(fn=cmd_demo, on_interrupt=lambda a: "interrupted: re-run the same command to continue (finished "
-                                                       "training is kept)")
+    p.set_defaults(fn=cmd_demo, on_interrupt=lambda a: "interrupted: re-run the same command to continue (training "
+                                                       "resumes from its last checkpoint)")
 
     p = sub.add_parser("prepare", help="convert refer files or a manifest into Parquet shards")
     p.add_argument("--data-root", help="refer layout root")

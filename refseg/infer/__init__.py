@@ -4,6 +4,7 @@
     p = Predictor.from_checkpoint("runs/debug/model.pt").predict("img.jpg", "the dog on the left")
 
 - :mod:`refseg.infer.predictor` -- checkpoint -> model + preprocessing, one image at a time;
+- :mod:`refseg.infer.preflight` -- the checkpoint check run before anything starts (no torch, no Ray);
 - :mod:`refseg.infer.batch` -- what evaluate and segment share (argument checks, actor pool);
 - :mod:`refseg.infer.evaluate` / :mod:`refseg.infer.segment` -- the batch jobs;
 - :mod:`refseg.infer.visualize` -- overlays and heat maps; :mod:`refseg.infer.export` -- ONNX.

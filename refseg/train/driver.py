@@ -18,7 +18,8 @@ from pathlib import Path
 from refseg import runtime
 from refseg.config import Config, ConfigError
 from refseg.config.validate import validate
-from refseg.io import write_text_atomic
+from refseg.data.sources.refer import check_data_root
+from refseg.io import check_output_dir, write_text_atomic
 from refseg.runtime import init_ray, local_env
 from refseg.train.checkpoint import check_resume, local_checkpoints
 from refseg.train.outputs import write_outputs
@@ -214,17 +215,20 @@ def make_trainer(
     from refseg.train.loop import LoopConfig, train_loop_per_worker
 
     t0 = time.time()
-    check_config(cfg)  # fail before any Ray work
+    check_config(cfg)  # fail before any Ray work or file
+    cfg = absolutize(cfg)
+    check_output_dir(output_dir, "--output-dir")
+    if cfg.data.source == "refer" and not cfg.data.synthetic:
+        check_data_root(cfg.data.root, cfg.data.dataset, cfg.data.split_by, cfg.data.image_dir)
     out = Path(output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cfg = absolutize(cfg)
     run = open_run(cfg, out, resume)
     write_text_atomic(out / "config.yaml", cfg.to_yaml())
     world = 1 if local else cfg.train.num_workers
     prepare_environment(cfg)
     init_ray(address)
     check_resources(cfg, local)
-    runtime.quiet_data()
+    runtime.quiet_data()  # also when Ray was up before (jobs/train.py): init_ray then returns at once
     datasets, train_rows = build_datasets(cfg, world)
     spe = steps_per_epoch(train_rows, cfg, world)
     loop = LoopConfig(config=cfg.to_dict(), output_dir=str(out), steps_per_epoch=spe, t0=t0, local=local,
