@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # venvs sharing ~/.cache/torch_extensions rebuild it back and forth.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint clean browser
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,6 +30,13 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Debian's chromium + chromium-driver for the serve page test (tests/test_serve_page.py skips without
+# them); skipped when both are present; apt-get as root (CI), else through sudo.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; else \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; fi
 
 lint: install
 	$(VENV)/bin/ruff check refseg jobs tune tests bench

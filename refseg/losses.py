@@ -1,6 +1,7 @@
 """Segmentation losses (pure functions), always computed in fp32 whatever the autocast dtype.
 
     loss = refseg_loss(logits (B,1,H,W), target (B,H,W) or (B,1,H,W) in {0,1}, bce_weight=1, dice_weight=1)
+    loss = generalized_loss(logits, target, no_target_logit (B,), no_target (B,) {0,1}, 1, 1, no_target_weight=1)
 """
 
 from __future__ import annotations
@@ -43,3 +44,21 @@ def refseg_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 
                 dice_weight: float = 1.0) -> torch.Tensor:
     """``bce_weight * BCE + dice_weight * Dice`` on logits (B,1,H,W) vs target (B,[1,]H,W) {0,1}."""
     return bce_weight * bce_loss(logits, target) + dice_weight * dice_loss(logits, target)
+
+
+def generalized_loss(logits: torch.Tensor, target: torch.Tensor, no_target_logit: torch.Tensor,
+                     no_target: torch.Tensor, bce_weight: float = 1.0, dice_weight: float = 1.0,
+                     no_target_weight: float = 1.0) -> torch.Tensor:
+    """gRefCOCO training loss: ``no_target_weight * BCE(no_target_logit (B,), no_target (B,) {0,1})`` plus
+    :func:`refseg_loss` on the target samples only (``no_target == 0``). A batch without a target sample
+    adds a mask loss of 0 that still reaches every mask parameter (a graph, zero gradients), so every
+    rank runs the same backward. fp32 scalar."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        label = no_target.float().reshape(-1)
+        nt = F.binary_cross_entropy_with_logits(no_target_logit.float().reshape(-1), label)
+        keep = label < 0.5  # (B,) target samples
+        if bool(keep.any()):
+            mask = refseg_loss(logits[keep], target[keep], bce_weight, dice_weight)
+        else:
+            mask = logits.float().sum() * 0.0
+        return no_target_weight * nt + mask

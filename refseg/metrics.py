@@ -15,6 +15,9 @@ and ground-truth areas in pixels:
 - mean_precision = mean of I/P (P = 0 -> 0); mean_recall = mean of I/G (G = 0 -> 0).
 Sums of integers are exact and float means use math.fsum, so merging partial states in any order
 gives exactly the serial result. No torch or ray import: tensors are converted with ``.numpy()``.
+
+:class:`GresMetrics` scores generalized data (gRefCOCO: one-, multi- and no-target expressions) by
+the GRES conventions of ReLA's ``refer_evaluation`` (its docstring).
 """
 
 from __future__ import annotations
@@ -187,4 +190,109 @@ class SegMetrics:
             "mean_precision": _mean(_ratio(inter, pa)),
             "mean_recall": _mean(_ratio(inter, ga)),
             "num_samples": n,
+        }
+
+
+GRES_THRESHOLDS = ("0.7", "0.8", "0.9")
+GRES_FLAGS = ("gt_no_target", "pred_no_target")
+
+
+class GresMetrics:
+    """Mergeable GRES metrics (gRefCOCO; ReLA's ``refer_evaluation``). One sample = one (ref, sentence).
+
+    Per sample: the areas I, U, P, G (as :class:`SegMetrics`) and two flags, ``gt_no_target`` (the
+    expression names nothing; G must be 0) and ``pred_no_target`` (the model said so). Scores:
+    - a no-target sample predicted no-target: IoU 1, adds nothing to sum(I) or sum(U);
+    - a no-target sample not predicted no-target: IoU 0, its U (= its predicted area) adds to sum(U);
+    - a target sample predicted no-target: I = 0, IoU 0, its U still adds to sum(U);
+    - a target sample: IoU = I / U, adds I and U.
+    giou = mean IoU over all samples; ciou = sum(I) / sum(U) (0 when sum(U) = 0); n_acc = share of the
+    no-target samples predicted no-target; t_acc = share of the target samples not predicted no-target
+    (each 0 without such samples; ReLA reports t_acc = 0 too when a split has no no-target sample);
+    precision_at[t] = share of the target samples with IoU >= t (exact integer test, 10 I >= 10t U).
+    ``state`` / ``from_state`` / ``merge`` move partial results between actors and ranks; the result never
+    depends on merge order (integer sums, math.fsum)."""
+
+    def __init__(self) -> None:
+        self.areas = SegMetrics()
+        self._flags: dict[str, list[np.ndarray]] = {k: [] for k in GRES_FLAGS}
+
+    def add(self, intersection: Any, union: Any, pred_area: Any, gt_area: Any, gt_no_target: Any,
+            pred_no_target: Any, keys: Any | None = None) -> None:
+        """Add samples from per-sample areas (pixels) and no-target flags (bool-ish), equal lengths."""
+        flags = [np.atleast_1d(_as_numpy(v)).astype(bool).ravel() for v in (gt_no_target, pred_no_target)]
+        n = len(np.atleast_1d(_as_numpy(intersection)).ravel())
+        if any(len(f) != n for f in flags):
+            raise ValueError("gt_no_target and pred_no_target must have one flag per sample")
+        if np.any(np.atleast_1d(_as_numpy(gt_area)).ravel()[flags[0]] != 0):
+            raise ValueError("a no-target sample (gt_no_target) must have an empty ground-truth mask (gt_area 0)")
+        self.areas.add(intersection, union, pred_area, gt_area, keys)
+        for name, f in zip(GRES_FLAGS, flags):
+            self._flags[name].append(f)
+
+    def update(self, pred: Any, gt: Any, gt_no_target: Any, pred_no_target: Any, keys: Any | None = None) -> None:
+        """Add a batch of predicted / ground-truth masks (shapes as :func:`intersection_union`) and flags."""
+        self.add(*_areas(pred, gt), gt_no_target, pred_no_target, keys)
+
+    def merge(self, other: GresMetrics) -> GresMetrics:
+        """Append ``other``'s samples (in place); returns self."""
+        s = other.state()
+        self.add(s["intersection"], s["union"], s["pred_area"], s["gt_area"], s["gt_no_target"],
+                 s["pred_no_target"], s["key"])
+        return self
+
+    def _flag(self, name: str) -> np.ndarray:
+        chunks = self._flags[name]
+        if len(chunks) != 1:
+            chunks[:] = [np.concatenate(chunks) if chunks else np.zeros(0, dtype=bool)]
+        return chunks[0]
+
+    def state(self) -> dict[str, np.ndarray]:
+        """:meth:`SegMetrics.state` plus ``gt_no_target`` / ``pred_no_target`` bool (N,) arrays (copies)."""
+        return {**self.areas.state(), **{k: self._flag(k).copy() for k in GRES_FLAGS}}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> GresMetrics:
+        """Rebuild from :meth:`state` (``key`` may be absent)."""
+        m = cls()
+        m.add(state["intersection"], state["union"], state["pred_area"], state["gt_area"], state["gt_no_target"],
+              state["pred_no_target"], state.get("key"))
+        return m
+
+    def __len__(self) -> int:
+        return len(self.areas)
+
+    def scored(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-sample (I, U, IoU) under the GRES conventions (int64, int64, float64), accumulation order."""
+        s = self.areas.state()
+        gt_nt, pred_nt = self._flag("gt_no_target"), self._flag("pred_no_target")
+        inter = np.where(gt_nt | pred_nt, 0, s["intersection"])
+        union = np.where(gt_nt & pred_nt, 0, s["union"])
+        iou = _ratio(inter, union)
+        iou[gt_nt & pred_nt] = 1.0
+        return inter, union, iou
+
+    def compute(self) -> dict:
+        """``{"giou", "ciou", "n_acc", "t_acc", "precision_at": {"0.7", "0.8", "0.9"}, "num_samples",
+        "num_target", "num_no_target"}`` (class docstring); floats in [0, 1]."""
+        inter, union, iou = self.scored()
+        gt_nt, pred_nt = self._flag("gt_no_target"), self._flag("pred_no_target")
+        target = ~gt_nt
+        n, n_target = len(iou), int(np.count_nonzero(target))
+        n_empty = n - n_target
+        total_u = int(union.sum())
+        precision_at = {}
+        for t in GRES_THRESHOLDS:
+            k = int(t[2:])  # "0.7" -> 7: IoU >= k/10  <=>  10 I >= k U (exact, integers)
+            hits = np.count_nonzero(target & (union > 0) & (10 * inter >= k * union))
+            precision_at[t] = hits / n_target if n_target else 0.0
+        return {
+            "giou": _mean(iou),
+            "ciou": int(inter.sum()) / total_u if total_u else 0.0,
+            "n_acc": int(np.count_nonzero(gt_nt & pred_nt)) / n_empty if n_empty else 0.0,
+            "t_acc": int(np.count_nonzero(target & ~pred_nt)) / n_target if n_target else 0.0,
+            "precision_at": precision_at,
+            "num_samples": n,
+            "num_target": n_target,
+            "num_no_target": n_empty,
         }

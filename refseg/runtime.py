@@ -175,10 +175,12 @@ _TOKEN_NOTICE = _DropTokenNotice()
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to ``address`` / $RAY_ADDRESS when given, else start a fresh local instance.
 
-    Unless verbose, Ray's start-up lines and Ray Data's execution lines are off (module docstring)."""
+    Unless verbose, Ray's start-up lines and Ray Data's execution lines and progress bars are off (module
+    docstring), also when Ray was up already."""
     import ray
 
-    if ray.is_initialized():
+    if ray.is_initialized():  # attached before refseg ran (jobs/*.py): Ray Data stays quiet all the same
+        quiet_data()
         return
     quiet = not verbose()
     if quiet:

@@ -247,3 +247,90 @@ def write_tampered_pickle(path: str | Path, marker_file: str | Path) -> Path:
     with open(path, "wb") as f:
         pickle.dump(refs, f, protocol=2)
     return path
+
+
+# ----------------------------------------------------------------------------- gRefCOCO layout
+GREF_SIZE = (40, 48)  # (height, width) of every gRefCOCO fixture image
+
+
+def _rect(x0: float, y0: float, x1: float, y1: float) -> list[float]:
+    return [x0, y0, x1, y0, x1, y1, x0, y1]
+
+
+def write_grefcoco_set(root: str | Path, *, refs_format: str = "json", image_layout: str = "grefcoco") -> dict:
+    """Write a gRefCOCO-layout set under ``root``; return what the reader should find.
+
+    Images 1 and 2 exist, image 3 is listed but its file is missing. Annotations (all on a 40x48 grid):
+    11 triangle, 12 rectangle, 13 crowd (uncompressed RLE), 14 rectangle plus a 2-point part, 21 compressed
+    RLE disc, 22 rectangle, 31 on the missing image. ``refs_format``: "json" (grefs(unc).json) or "p"
+    (a protocol-2 pickle, grefs(unc).p); ``image_layout``: "grefcoco" (images/train2014) or "refer".
+    Returns {"root", "image_dir", "dataset_dir", "kept": {ref_id: ann ids}, "samples": {split: n},
+    "skipped": {split: {reason: n}}, "parts": {ann_id: the usable parts}} (no-target refs keep [])."""
+    root = Path(root)
+    sub = {"grefcoco": "images/train2014", "refer": "images/mscoco/images/train2014"}[image_layout]
+    image_dir, ds_dir = root / sub, root / "grefcoco"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    ds_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    h, w = GREF_SIZE
+    for image_id in (1, 2):
+        _write_image(image_dir / coco_file_name(image_id), h, w, "RGB", rng)
+    imgs = [{"id": i, "file_name": coco_file_name(i), "height": h, "width": w} for i in (1, 2, 3)]
+    yy, xx = np.mgrid[:h, :w]
+    disc = (((yy - 20) ** 2 + (xx - 30) ** 2) <= 81).astype(np.uint8)
+    crowd = np.zeros((h, w), np.uint8)
+    crowd[30:38, 2:12] = 1
+    segs = {
+        11: ([[2.0, 2.0, 20.0, 3.0, 10.0, 18.0]], 0, 1),
+        12: ([_rect(24.0, 4.0, 44.0, 14.0)], 0, 1),
+        13: ({"size": [h, w], "counts": uncompressed_counts(crowd)}, 1, 1),
+        14: ([_rect(4.0, 22.0, 16.0, 34.0), [1.0, 1.0, 5.0, 5.0]], 0, 1),
+        21: ({"size": [h, w], "counts": mask_utils.encode(np.asfortranarray(disc))["counts"].decode("ascii")}, 0, 2),
+        22: ([_rect(2.0, 2.0, 12.0, 12.0)], 0, 2),
+        31: ([_rect(2.0, 2.0, 12.0, 12.0)], 0, 3),
+    }
+    anns = [_annotation(a, image_id, seg, crowd_flag, h, w) for a, (seg, crowd_flag, image_id) in segs.items()]
+    # (ref_id, ann_id as written, image_id, split, sentences, extra fields)
+    table = [
+        (0, 11, 1, "train", ["the triangle", "pointy thing"], {}),
+        (1, [11, 12], 1, "train", ["the triangle and the box"], {}),
+        (2, [12, 13], 1, "train", ["box and crowd"], {}),
+        (3, [14], 1, "train", ["the square"], {}),
+        (4, [-1], 1, "train", ["the purple star", "a dog"], {"no_target": True}),
+        (5, [21, 22], 2, "val", ["the disc and the box", "both"], {}),
+        (6, [-1], 2, "val", ["a cat"], {}),
+        (7, [11, 999], 1, "train", ["ghost a", "ghost b"], {}),  # missing annotation
+        (8, [-1, 12], 1, "train", ["contradiction"], {}),  # no target yet an annotation
+        (9, [], 1, "train", ["nothing listed"], {}),  # empty annotation list
+        (10, [12], 1, "trainval", ["odd split"], {}),  # unknown split
+        (11, [13], 1, "train", ["only the crowd"], {}),  # only crowd annotations
+        (12, [31], 3, "train", ["lost image"], {}),  # missing image file
+    ]
+    refs, next_sent = [], 100
+    for ref_id, ann_id, image_id, split, sentences, extra in table:
+        ids = ann_id if isinstance(ann_id, list) else [ann_id]
+        refs.append({"ref_id": ref_id, "image_id": image_id, "ann_id": ann_id, "split": split,
+                     "category_id": [1 for _ in ids], "sent_ids": list(range(next_sent, next_sent + len(sentences))),
+                     "sentences": [{"sent_id": next_sent + j, "sent": s, "raw": s, "tokens": s.split()}
+                                   for j, s in enumerate(sentences)], **extra})
+        next_sent += len(sentences)
+    (ds_dir / "instances.json").write_text(json.dumps({
+        "images": imgs, "annotations": anns,
+        "categories": [{"id": 1, "name": "thing", "supercategory": "thing"}]}))
+    if refs_format == "json":
+        (ds_dir / "grefs(unc).json").write_text(json.dumps(refs))
+    else:
+        with open(ds_dir / "grefs(unc).p", "wb") as f:
+            pickle.dump(refs, f, protocol=2)
+    every_split = {"unknown split": 1}
+    return {
+        "root": root, "image_dir": image_dir, "dataset_dir": ds_dir,
+        "kept": {0: [11], 1: [11, 12], 2: [12], 3: [14], 4: [], 5: [21, 22], 6: []},
+        "samples": {"train": 7, "val": 3, "testA": 0, "testB": 0},
+        "skipped": {
+            "train": {"missing annotation": 2, "no-target ref with annotations": 1, "ref without annotations": 1,
+                      "only crowd annotations": 1, "missing image file": 1, **every_split},
+            "val": every_split, "testA": every_split, "testB": every_split,
+        },
+        "parts": {11: segs[11][0], 12: segs[12][0], 14: [segs[14][0][0]], 21: segs[21][0], 22: segs[22][0]},
+    }

@@ -122,6 +122,39 @@ def test_crafted_model_pt_is_refused_without_running_it(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("form", ["torch zip", "plain pickle"])
+def test_crafted_pickle_as_checkpoint_or_init_from_runs_nothing(tmp_path, capsys, form):
+    """Every way a model file comes in -- --checkpoint of export / evaluate, Predictor.from_pretrained,
+    train.init_from -- refuses a crafted pickle with one sentence and runs none of it."""
+    from refseg.cli import main
+    from refseg.infer.predictor import Predictor
+    from refseg.train.init import read_init_weights
+
+    marker, path = tmp_path / "ran", tmp_path / "model.pt"
+    payload = {"model_config": {}, "state_dict": {}, "config": Payload(marker)}
+    if form == "torch zip":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=2))
+    unreadable = f"model file '{path}' could not be read (UnpicklingError); is it a refseg model.pt?"
+    with pytest.raises(ConfigError) as e:
+        Predictor.from_pretrained(path)
+    assert str(e.value) == unreadable
+    with pytest.raises(ConfigError) as e:
+        read_init_weights(path)
+    assert str(e.value) == f"train.init_from: {unreadable}"
+    for argv in (["export", "--checkpoint", str(path), "--out", str(tmp_path / "artifact")],
+                 ["evaluate", "--checkpoint", str(path), "--data-root", str(tmp_path), "--output", str(tmp_path / "e")],
+                 ["train", "--config", "debug", "--output-dir", str(tmp_path / "run"), f"train.init_from={path}"]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("refseg: error: ") and "Traceback" not in err, err
+        assert str(path) in err and ("pickled objects other than tensors" in err or "could not be read" in err), err
+    assert not marker.exists()
+    assert not any((tmp_path / name).exists() for name in ("artifact", "e", "run"))
+
+
 def test_crafted_refs_pickle_is_refused_without_running_it(tmp_path):
     from refseg.data.skips import RefSegDataError
     from refseg.data.sources.refer import read_refs

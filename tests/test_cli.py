@@ -13,7 +13,7 @@ import pytest
 from refseg.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
-VERBS = {"train", "synth", "model-info", "demo", "prepare", "evaluate", "segment", "export-onnx", "tune"}
+VERBS = {"train", "synth", "model-info", "demo", "prepare", "evaluate", "segment", "export", "export-onnx", "tune", "serve"}
 
 
 def readme_commands() -> list[list[str]]:

@@ -162,3 +162,115 @@ def test_interrupt_is_one_sentence_and_exit_130(ckpt, synthetic_root, tmp_path, 
                  "--output", str(tmp_path / "out")]) == 130
     assert capsys.readouterr().err == ("refseg: interrupted: metrics.json not written, re-run the same command to "
                                        "evaluate\n")
+
+
+# ----------------------------------------------------------------------------- generalized (gRefCOCO)
+GSPLIT = ("grefcoco", "unc", "val")
+
+
+@pytest.fixture(scope="module")
+def gres_root(tmp_path_factory) -> Path:
+    """A generalized synthetic set (one-, multi- and no-target refs) of 30 images."""
+    from refseg.data.sources.synthetic_generalized import make_generalized_synthetic
+
+    return make_generalized_synthetic(tmp_path_factory.mktemp("gsynthetic") / "set", num_images=30, seed=0)
+
+
+@pytest.fixture(scope="module")
+def gres_ckpt(tmp_path_factory, gres_root) -> Path:
+    """The tiny model with the no-target head; model.no_target_threshold is set to the median no-target
+    probability over the val split, so the random-init head calls about half the samples empty."""
+    import torch
+
+    from refseg.config import config_from_dict
+    from refseg.data import load_split
+    from refseg.infer import Predictor
+    from refseg.models import build_model
+    from refseg.models.export import save_model
+
+    cfg = config_from_dict({"model": {"preset": "tiny", "no_target_head": True}, "data": {"image_size": IMAGE_SIZE}})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, pretrained=False).eval()
+    torch.nn.init.zeros_(model.decoder.head[0].bias)
+    model.no_target.mlp[2].weight.data *= 50  # spread the probabilities
+    path = save_model(tmp_path_factory.mktemp("gckpt") / "model.pt", model, cfg.to_dict())
+    p = Predictor.from_checkpoint(path)
+    recs = load_split(gres_root, *GSPLIT)
+    probs = [p.predict(r["image_path"], r["sentence"]).no_target_prob for r in recs]
+    cfg.model.no_target_threshold = float(np.median(probs))
+    return save_model(path, model, cfg.to_dict())
+
+
+@pytest.fixture(scope="module")
+def gres_one_worker(ray_session, gres_ckpt, gres_root, tmp_path_factory) -> Path:
+    from refseg.cli import main
+
+    out = tmp_path_factory.mktemp("geval1")
+    rc = main(["evaluate", "--checkpoint", str(gres_ckpt), "--data-root", str(gres_root), "--dataset", GSPLIT[0],
+               "--split-by", GSPLIT[1], "--split", GSPLIT[2], "--workers", "1", "--batch-size", "8",
+               "--save-masks", "--output", str(out)])
+    assert rc == 0
+    return out
+
+
+def test_generalized_metrics_equal_recomputation(gres_one_worker, gres_root, gres_ckpt):
+    """metrics.json (GRES keys) = GresMetrics over the saved masks, the records' no-target flags and
+    per_sample.jsonl's predicted flags; predicted no-target masks are all-zero PNGs at the image size."""
+    from refseg.data import decode_mask, load_split
+    from refseg.infer import Predictor
+    from refseg.metrics import GresMetrics
+
+    metrics = json.loads((gres_one_worker / "metrics.json").read_text())
+    assert {"giou", "ciou", "n_acc", "t_acc", "precision_at", "num_samples"} <= set(metrics)
+    assert "oiou" not in metrics and set(metrics["precision_at"]) == {"0.7", "0.8", "0.9"}
+    records = sorted(load_split(gres_root, *GSPLIT), key=lambda r: (r["ref_id"], r["sent_id"]))
+    rows = [json.loads(line) for line in (gres_one_worker / "per_sample.jsonl").read_text().splitlines()]
+    assert [(r["ref_id"], r["sent_id"]) for r in rows] == [(r["ref_id"], r["sent_id"]) for r in records]
+    threshold = Predictor.from_checkpoint(gres_ckpt).no_target_threshold
+    want = GresMetrics()
+    for rec, row in zip(records, rows):
+        pred = np.asarray(Image.open(gres_one_worker / "masks" / f"{rec['ref_id']}_{rec['sent_id']}.png")) > 0
+        gt = decode_mask(rec)
+        assert pred.shape == gt.shape == (rec["height"], rec["width"])
+        assert row["gt_no_target"] == rec["no_target"]
+        assert row["pred_no_target"] == (row["no_target_prob"] > threshold)
+        if row["pred_no_target"]:
+            assert not pred.any()
+        want.update(pred, gt, [rec["no_target"]], [row["pred_no_target"]])
+    expected = want.compute()
+    for key in ("giou", "ciou", "n_acc", "t_acc", "num_samples", "num_target", "num_no_target"):
+        assert metrics[key] == pytest.approx(expected[key], abs=1e-12), key
+    assert metrics["precision_at"] == pytest.approx(expected["precision_at"], abs=1e-12)
+    inter, union, iou = want.scored()
+    assert [(r["intersection"], r["union"]) for r in rows] == list(zip(inter.tolist(), union.tolist()))
+    assert [r["iou"] for r in rows] == pytest.approx(iou.tolist(), abs=1e-12)
+    called = [r["pred_no_target"] for r in rows]
+    assert 0 < sum(called) < len(called) and 0 < expected["num_no_target"] < expected["num_samples"]
+
+
+@pytest.mark.slow
+def test_generalized_two_workers_give_identical_metrics(gres_one_worker, gres_ckpt, gres_root, tmp_path):
+    from refseg.infer import evaluate
+
+    m2 = evaluate(gres_ckpt, gres_root, *GSPLIT, workers=2, batch_size=8, output=tmp_path)
+    m1 = json.loads((gres_one_worker / "metrics.json").read_text())
+    assert _numbers(m2) == _numbers(m1)
+    assert (tmp_path / "per_sample.jsonl").read_text() == (gres_one_worker / "per_sample.jsonl").read_text()
+
+
+def test_predictor_no_target_prob_and_empty_mask(gres_ckpt, ckpt, gres_root):
+    """Prediction.no_target_prob: None for a classic model; with the head, a sample over the threshold
+    has an empty mask and an all-zero probability map at the original size, one under it does not."""
+    from refseg.data import load_split
+    from refseg.infer import Predictor
+
+    recs = load_split(gres_root, *GSPLIT)[:8]
+    assert Predictor.from_checkpoint(ckpt).predict(recs[0]["image_path"], recs[0]["sentence"]).no_target_prob is None
+    p = Predictor.from_checkpoint(gres_ckpt)
+    preds = p.predict_batch([r["image_path"] for r in recs], [r["sentence"] for r in recs])
+    called = [q.no_target_prob > p.no_target_threshold for q in preds]
+    assert any(called) and not all(called)
+    for rec, pred, empty in zip(recs, preds, called):
+        assert pred.mask.shape == pred.prob.shape == (rec["height"], rec["width"])
+        assert 0.0 <= pred.no_target_prob <= 1.0
+        assert pred.prob.any() != empty and (not pred.mask.any() if empty else True)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from refseg.losses import bce_loss, dice_loss, refseg_loss
+from refseg.losses import bce_loss, dice_loss, generalized_loss, refseg_loss
 
 X = torch.tensor([[[[0.0, 1.0], [-1.0, 2.0]]]])  # (1, 1, 2, 2) logits
 T = torch.tensor([[[1, 0], [0, 1]]], dtype=torch.uint8)  # (1, 2, 2) target
@@ -77,3 +77,54 @@ def test_gradient_flows_to_low_precision_logits() -> None:
     refseg_loss(logits, torch.ones(2, 8, 8)).backward()
     assert logits.grad is not None and logits.grad.dtype == torch.bfloat16
     assert torch.isfinite(logits.grad.float()).all() and float(logits.grad.float().abs().sum()) > 0
+
+
+# ----------------------------------------------------------------------------- generalized (no-target head)
+def test_generalized_loss_on_a_mixed_batch_hand_computed() -> None:
+    torch.manual_seed(0)
+    logits, target = torch.randn(4, 1, 8, 8), (torch.rand(4, 8, 8) > 0.5).float()
+    target[[1, 3]] = 0  # samples 1 and 3 are no-target: empty masks
+    nt_logit, nt = torch.tensor([0.5, 2.0, -1.0, 0.0]), torch.tensor([0.0, 1.0, 0.0, 1.0])
+    # BCE with logits of (x, y) = (0.5, 0), (2, 1), (-1, 0), (0, 1), averaged
+    bce_nt = (math.log(1 + math.exp(0.5)) + math.log(1 + math.exp(-2.0)) + math.log(1 + math.exp(-1.0))
+              + math.log(2.0)) / 4
+    keep = [0, 2]
+    mask_part = float(refseg_loss(logits[keep], target[keep], 0.5, 2.0))
+    got = generalized_loss(logits, target, nt_logit, nt, bce_weight=0.5, dice_weight=2.0, no_target_weight=3.0)
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(3.0 * bce_nt + mask_part, abs=1e-6)
+    # the mask logits of no-target samples do not matter
+    other = logits.clone()
+    other[[1, 3]] = torch.randn(2, 1, 8, 8) * 5
+    assert float(generalized_loss(other, target, nt_logit, nt, 0.5, 2.0, 3.0)) == pytest.approx(float(got), abs=1e-6)
+
+
+def test_generalized_loss_without_target_samples_keeps_a_graph() -> None:
+    logits = torch.randn(2, 1, 8, 8, dtype=torch.bfloat16, requires_grad=True)
+    nt_logit = torch.tensor([1.0, -1.0], requires_grad=True)
+    loss = generalized_loss(logits, torch.zeros(2, 8, 8), nt_logit, torch.ones(2))
+    assert float(loss.detach()) == pytest.approx((math.log(1 + math.exp(-1.0)) + math.log(1 + math.e)) / 2, abs=1e-6)
+    loss.backward()
+    assert logits.grad is not None and float(logits.grad.float().abs().sum()) == 0.0  # reached, zero gradient
+    assert float(nt_logit.grad.abs().sum()) > 0
+
+
+def test_training_loss_path_classic_unchanged_and_generalized_with_the_head() -> None:
+    """refseg.train.epoch.batch_loss: without a no-target logit exactly refseg_loss (classic runs compute
+    what they did); with one, generalized_loss against the batch's no_target column."""
+    from refseg.config.presets import preset_config
+    from refseg.train.epoch import batch_loss, predicted_no_target
+
+    cfg = preset_config("tiny")
+    cfg.loss.bce_weight, cfg.loss.dice_weight, cfg.loss.no_target_weight = 0.7, 1.3, 2.0
+    logits, target = torch.randn(3, 1, 8, 8), (torch.rand(3, 8, 8) > 0.5).float()
+    batch = {"no_target": torch.tensor([0.0, 1.0, 0.0]).numpy()}
+    assert torch.equal(batch_loss({"logits": logits}, target, batch, cfg), refseg_loss(logits, target, 0.7, 1.3))
+    nt_logit = torch.tensor([-2.0, 3.0, 0.1])
+    got = batch_loss({"logits": logits, "no_target_logit": nt_logit}, target, batch, cfg)
+    assert torch.equal(got, generalized_loss(logits, target, nt_logit, torch.tensor([0.0, 1.0, 0.0]), 0.7, 1.3, 2.0))
+    masks = torch.zeros(3, 8, 8, dtype=torch.bool)
+    masks[0, 2, 2] = True
+    assert predicted_no_target({"no_target_logit": nt_logit}, masks, 0.5).tolist() == [False, True, True]
+    assert predicted_no_target({"no_target_logit": nt_logit}, masks, 0.6).tolist() == [False, True, False]
+    assert predicted_no_target({}, masks, 0.5).tolist() == [False, True, True]  # no head: an empty mask

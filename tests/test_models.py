@@ -347,6 +347,39 @@ def test_save_load_round_trip(tmp_path, tokenizer) -> None:
         load_model(tmp_path / "old.pt")
 
 
+def test_no_target_head_only_with_the_flag(tmp_path, tokenizer) -> None:
+    """model.no_target_head adds the head's parameters and a (B,) logit and changes nothing else: same
+    initial weights and mask logits as the classic model, whose keys and outputs have no trace of it."""
+    from refseg.losses import generalized_loss
+
+    classic = tiny_model().eval()
+    cfg = preset_config("tiny")
+    cfg.no_target_head = True
+    torch.manual_seed(0)
+    headed = build_model(cfg).eval()
+    plain, extra = classic.state_dict(), headed.state_dict()
+    assert not any("no_target" in k for k in plain)
+    assert sorted(set(extra) - set(plain)) == sorted(k for k in extra if k.startswith("no_target."))
+    assert all(torch.equal(plain[k], extra[k]) for k in plain)
+    ids, mask = encode(tokenizer, SENTENCES[:3], 10)
+    image = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        a, b = classic(image, ids, mask), headed(image, ids, mask)
+    assert set(a) == {"logits"} and set(b) == {"logits", "no_target_logit"}
+    assert torch.equal(a["logits"], b["logits"]) and b["no_target_logit"].shape == (3,)
+    headed.train()
+    out = headed(image, ids, mask)
+    generalized_loss(out["logits"], torch.zeros(3, 64, 64), out["no_target_logit"], torch.tensor([1.0, 0, 1])).backward()
+    head_params = {id(p) for p in headed.no_target.parameters()}
+    groups = headed.param_groups(lr=1e-3)
+    assert {id(p) for g in groups if g["name"].startswith("head") for p in g["params"]} >= head_params
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in headed.no_target.parameters())
+    loaded, _ = load_model(save_model(tmp_path / "model.pt", headed.eval(), {}))
+    assert loaded.config.no_target_head
+    with torch.no_grad():
+        assert torch.equal(loaded(image, ids, mask)["no_target_logit"], headed(image, ids, mask)["no_target_logit"])
+
+
 def test_public_api_resolves() -> None:
     from refseg import models
 

@@ -7,6 +7,7 @@ folder: an empty folder afterwards means Ray was never started.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shlex
@@ -144,6 +145,9 @@ def files(ckpt, synthetic_root, tmp_path_factory) -> dict[str, Path]:
     (d / "empty.pt").write_bytes(b"")
     (d / "afile").write_text("x")
     (d / "rows.jsonl").write_text('{"id": "a", "image": "a.png", "text": "the dog"}\n')
+    (d / "art").mkdir()  # an artifact folder whose weights file is cut short
+    (d / "art" / "config.json").write_text(json.dumps({"format": "refseg", "model_config": {"preset": "tiny"}}))
+    (d / "art" / "model.safetensors").write_bytes((1000).to_bytes(8, "little") + b"{}")
     return {"ckpt": ckpt, "root": synthetic_root, "dir": d}
 
 
@@ -162,6 +166,8 @@ CASES = {  # name -> (argv with {placeholders}, the expected line's start)
                                       "refseg: error: --output {dir}/afile/out is under {dir}/afile, which is a file"),
     "segment: corrupt checkpoint": ("segment --checkpoint {dir}/junk.pt --input {dir}/rows.jsonl --output {out}",
                                     "refseg: error: model file '{dir}/junk.pt' could not be read"),
+    "export: corrupt artifact folder": ("export --checkpoint {dir}/art --out {out}",
+                                        "refseg: error: artifact folder '{dir}/art': model.safetensors could not be read"),
     "export-onnx: corrupt checkpoint": ("export-onnx --checkpoint {dir}/junk.pt --out {out}/m.onnx",
                                         "refseg: error: model file '{dir}/junk.pt' could not be read"),
     "prepare: no data root": ("prepare --data-root {dir}/nodata --out {out}",

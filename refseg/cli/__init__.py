@@ -1,8 +1,9 @@
 """``refseg <verb>``: the command line. ``main(argv)`` takes a list so tests run it in-process.
 
 Each verb group is a module with ``add_verbs(subparsers)``: :mod:`refseg.cli.train` (train, synth,
-model-info, demo, prepare), :mod:`refseg.cli.infer` (evaluate, segment, export-onnx) and
-:mod:`refseg.cli.sweep` (tune). A verb's function gets the parsed arguments and returns the exit status.
+model-info, demo, prepare), :mod:`refseg.cli.infer` (evaluate, segment, export, export-onnx),
+:mod:`refseg.cli.sweep` (tune) and :mod:`refseg.cli.serve` (serve). A verb's function gets the parsed
+arguments and returns the exit status.
 
 A user's mistake (ConfigError, RefSegDataError, FileNotFoundError) is one ``refseg: error:`` line,
 exit 2. Ctrl-C (SIGINT) and SIGTERM end a verb with one line -- the verb's ``on_interrupt(args)``
@@ -16,7 +17,7 @@ import argparse
 import logging
 import sys
 
-from refseg.cli import infer, sweep, train
+from refseg.cli import infer, serve, sweep, train
 from refseg.config import ConfigError
 from refseg.data.skips import RefSegDataError
 from refseg.runtime import interrupt_exit_code, ray_connected, sigterm_raises, stop_ray
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refseg", description="Referring image segmentation on Ray + DeepSpeed")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="verb", required=True)
-    for group in (train, infer, sweep):
+    for group in (train, infer, sweep, serve):
         group.add_verbs(sub)
     return parser
 

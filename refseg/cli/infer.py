@@ -1,9 +1,10 @@
-"""The inference verbs of ``refseg``: evaluate, segment, export-onnx (``add_verbs(subparsers)``)."""
+"""The inference verbs of ``refseg``: evaluate, segment, export, export-onnx (``add_verbs(subparsers)``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 from refseg.cli.args import add_address, positive
@@ -21,7 +22,8 @@ exit status:
   130, 143  interrupted (Ctrl-C, SIGTERM): finished rows are kept; re-run the same command to continue
 """
 EVALUATE_INTERRUPTED = "interrupted: metrics.json not written, re-run the same command to evaluate"
-CHECKPOINT_HELP = "model.pt, a training output dir holding model.pt, or a DeepSpeed checkpoint dir"
+CHECKPOINT_HELP = ("model.pt, a training output dir holding model.pt, an artifact folder (refseg export) or a "
+                   "DeepSpeed checkpoint dir")
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
@@ -65,6 +67,35 @@ def cmd_export_onnx(a: argparse.Namespace) -> int:
     return 0
 
 
+def run_summary(checkpoint: str) -> dict | None:
+    """summary.json of the training run whose output dir (or model.pt) ``checkpoint`` is, else None."""
+    p = Path(checkpoint).expanduser()
+    f = (p if p.is_dir() else p.parent) / "summary.json"
+    if not f.is_file():
+        return None
+    summary = json.loads(f.read_text())
+    return summary if p.is_dir() or Path(summary.get("model_path", "")).resolve() == p.resolve() else None
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    """``--format safetensors``: the artifact folder (config.json + model.safetensors + tokenizer files when
+    needed); ``--format onnx``: OUT/model.onnx (+ model.onnx.json), as export-onnx writes it."""
+    if a.format == "onnx":
+        a.out = str(Path(a.out).expanduser() / "model.onnx")
+        return cmd_export_onnx(a)
+    from refseg.infer.predictor import resolve_checkpoint
+    from refseg.infer.preflight import check_artifact_out, check_checkpoint
+    from refseg.models.export import export_artifact
+
+    check_checkpoint(a.checkpoint)
+    check_artifact_out(a.out)
+    with tempfile.TemporaryDirectory(prefix="refseg-export-") as tmp:  # a DeepSpeed dir is consolidated here
+        out = export_artifact(resolve_checkpoint(a.checkpoint, tmp), Path(a.out).expanduser(),
+                              training=run_summary(a.checkpoint))
+    print(json.dumps({"path": str(out), "files": sorted(f.name for f in out.iterdir())}, indent=1))
+    return 0
+
+
 def _batch_job(p: argparse.ArgumentParser, batch_size: int) -> None:
     """The options evaluate and segment share."""
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
@@ -80,7 +111,7 @@ def _batch_job(p: argparse.ArgumentParser, batch_size: int) -> None:
 
 
 def add_verbs(sub: argparse._SubParsersAction) -> None:
-    """Add ``evaluate``, ``segment`` and ``export-onnx`` to the ``refseg`` parser."""
+    """Add ``evaluate``, ``segment``, ``export`` and ``export-onnx`` to the ``refseg`` parser."""
     p = sub.add_parser("evaluate", help="score a checkpoint on a refer-format split (Ray Data actors)",
                        description="Every sentence of every ref is scored at the ORIGINAL image resolution "
                                    "(predictions warped back); writes OUT/metrics.json and OUT/per_sample.jsonl.")
@@ -102,9 +133,25 @@ def add_verbs(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlays", action="store_true", help="also write OUT/overlays/<id>.png")
     p.set_defaults(fn=cmd_segment, on_interrupt=segment_interrupted)
 
+    p = sub.add_parser("export", help="export a checkpoint as an artifact folder (safetensors, the Hugging Face "
+                                      "hub layout) or as ONNX",
+                       description="--format safetensors writes OUT/config.json (resolved config, refseg version, "
+                                   "training summary) + OUT/model.safetensors (+ tokenizer files); load it with "
+                                   "Predictor.from_pretrained(OUT) or pass it as --checkpoint / train.init_from. "
+                                   "--format onnx writes OUT/model.onnx + OUT/model.onnx.json.")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors")
+    p.add_argument("--out", required=True, help="the folder to write (new, empty, or an artifact folder to replace)")
+    _onnx_options(p)
+    p.set_defaults(fn=cmd_export)
+
     p = sub.add_parser("export-onnx", help="export a checkpoint to ONNX (dynamic batch), checked with onnxruntime")
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--out", required=True, help="the .onnx file to write (metadata goes to <out>.json)")
-    p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    _onnx_options(p)
     p.set_defaults(fn=cmd_export_onnx)
+
+
+def _onnx_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (onnx only)")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison (onnx only)")

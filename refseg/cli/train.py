@@ -50,9 +50,13 @@ def stopped_sentence(a: argparse.Namespace, out: str, stop: dict, steps_per_epoc
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
-    from refseg.data import make_synthetic
+    from refseg.data import make_generalized_synthetic, make_synthetic
 
     check_output_dir(a.out, "--out")
+    if a.generalized:
+        path = make_generalized_synthetic(a.out, num_images=a.images, seed=a.seed)
+        print(f"synthetic gRefCOCO-format set (one-, multi- and no-target expressions) written to {path}")
+        return 0
     path = make_synthetic(a.out, num_images=a.images, seed=a.seed)
     print(f"synthetic RefCOCO-format set written to {path}")
     return 0
@@ -101,10 +105,12 @@ def add_verbs(sub: argparse._SubParsersAction) -> None:
     add_overrides(p)
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("synth", help="write a synthetic RefCOCO-format set (refer layout)")
+    p = sub.add_parser("synth", help="write a synthetic RefCOCO-format set (refer layout; --generalized: gRefCOCO)")
     p.add_argument("--out", required=True)
     p.add_argument("--images", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--generalized", action="store_true",
+                   help="the gRefCOCO layout: expressions naming one shape, several, or none")
     p.set_defaults(fn=cmd_synth)
 
     p = sub.add_parser("model-info", help="parameter counts per component")

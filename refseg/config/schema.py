@@ -65,6 +65,7 @@ class DecoderConfig:
 class LossConfig:
     bce_weight: float = 1.0
     dice_weight: float = 1.0
+    no_target_weight: float = 1.0  # BCE on the no-target label; used with model.no_target_head only
 
 
 @dataclass
@@ -76,21 +77,30 @@ class ModelConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    # generalized data (gRefCOCO): a head on the pooled fused tokens + sentence gives one no-target logit;
+    # a sample is empty (mask cleared) when sigmoid(logit) > no_target_threshold. false: the classic model
+    no_target_head: bool = False
+    no_target_threshold: float = 0.5
 
 
 # ----------------------------------------------------------------------------- data
+# data.dataset values of generalized data (one-, multi- and no-target expressions): validation reports
+# the GRES metrics (refseg.metrics.GresMetrics) and the best checkpoint is the one with the best val cIoU
+GENERALIZED_DATASETS = ("grefcoco",)
+
+
 @dataclass
 class DataConfig:
     source: str = "refer"  # refer | parquet | manifest
     root: str = "data"  # refer layout root (refcoco/, images/mscoco/images/train2014/)
-    dataset: str = "refcoco"  # refcoco | refcoco+ | refcocog
-    split_by: str = "unc"  # unc | umd | google
+    dataset: str = "refcoco"  # refcoco | refcoco+ | refcocog | grefcoco (root/grefcoco/grefs(unc).json)
+    split_by: str = "unc"  # unc | umd | google (grefcoco: unc)
     image_dir: str | None = None  # explicit COCO train2014 dir; null = refer's default under root
     parquet: str | None = None  # shards root (local, s3://, gs://): <parquet>/<split>/*.parquet
     manifest: str | None = None  # JSONL/Parquet manifest; may contain "{split}"
     train_split: str = "train"
     val_split: str = "val"
-    synthetic: bool = False  # create a synthetic refer-format set at `root` when it is missing
+    synthetic: bool = False  # create a synthetic set at `root` when missing (grefcoco: the generalized one)
     synthetic_images: int = 400
     synthetic_seed: int = 0
     image_size: int = 480
@@ -127,7 +137,11 @@ class TrainConfig:
     # torch.compile inside the DeepSpeed engine (compiles once at the first step; BENCHMARKS.md, GPU)
     compile: bool = False
     seed: int = 0
-    num_workers: int = 2
+    # Ray Train workers: a count, or [min, max] for elastic training (the group shrinks when nodes are lost
+    # and grows back when they return, from the latest checkpoint; docs/cluster.md). The global batch is
+    # batch_size x max x grad_accum at any size: with fewer workers the accumulation grows.
+    num_workers: int | list[int] = 2
+    elastic_resize_monitor_interval_s: float = 60.0  # elastic: how often Ray Train looks for room to grow
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
@@ -139,6 +153,18 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs
     log_every: int = 10  # steps
     max_steps_per_epoch: int | None = None
+    # a new run starts from these weights: a model.pt, a run dir or an artifact folder (`refseg export`)
+    init_from: str | None = None
+    init_strict: bool = True  # false: load the tensors that fit, print one line naming the rest
+    # experiment trackers fed from rank 0 (README "Tracking"): any of mlflow | tensorboard | wandb
+    tracking: list[str] = field(default_factory=list)
+    # MLflow tracking URI (http(s)://, sqlite:///, databricks); null = a SQLite store in <output_dir>/mlflow
+    tracking_uri: str | None = None
+
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) Ray Train workers: ``num_workers`` twice for a fixed count."""
+        n = self.num_workers
+        return (n, n) if isinstance(n, int) else (n[0], n[-1])
 
 
 @dataclass

@@ -8,7 +8,8 @@ Each function reads only its section, so the builders of a section refuse bad va
 users too. Checks that need the environment stay with their code: the Hugging Face hub / cache
 (``models.text.check_text_sources``), torchvision weight names and backbone layouts
 (``models.refseg_model.check_architecture``), files (``deepspeed.config_file``), the cluster's
-resources (``train.driver.check_resources``). Pure: imports only the schema and the standard library.
+resources (``train.driver.check_resources``), the trackers' packages (``train.tracking.check_trackers``).
+Pure: imports only the schema and the standard library.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from refseg.config.schema import Config, ConfigError, DataConfig, DeepSpeedConfi
 FUSION_LEVELS = (4, 8, 16, 32)
 PRECISIONS = ("bf16", "fp16", "fp32")
 SOURCES = ("refer", "parquet", "manifest")
+TRACKERS = ("mlflow", "tensorboard", "wandb")
 
 
 def validate(cfg: Config) -> None:
@@ -42,7 +44,8 @@ def validate_precision(precision: str, cuda: bool) -> None:
 
 
 def validate_train(train: TrainConfig) -> None:
-    """train.precision (against train.use_gpu), train.epochs and train.time_budget_s."""
+    """train.precision (against train.use_gpu), train.epochs, train.time_budget_s, train.init_from and
+    train.tracking."""
     validate_precision(train.precision, cuda=train.use_gpu)
     if train.epochs < 1:
         raise ConfigError(f"train.epochs must be at least 1, got {train.epochs}")
@@ -50,6 +53,31 @@ def validate_train(train: TrainConfig) -> None:
     if budget is not None and not (budget > 0 and math.isfinite(budget)):
         raise ConfigError(f"train.time_budget_s must be a positive number of seconds (or null for no budget), "
                           f"got {budget}")
+    if train.init_from is not None and (not train.init_from.strip() or "://" in train.init_from):
+        raise ConfigError(f"train.init_from must be a local model.pt, run dir or artifact folder (or null), "
+                          f"got {train.init_from!r}")
+    validate_tracking(train.tracking)
+    validate_workers(train)
+
+
+def validate_tracking(tracking: list[str]) -> None:
+    """train.tracking: known trackers, each named once."""
+    for name in tracking:
+        if name not in TRACKERS:
+            raise ConfigError(f"train.tracking: '{name}' is not one of mlflow | tensorboard | wandb")
+    if len(set(tracking)) != len(tracking):
+        raise ConfigError(f"train.tracking lists a tracker twice: {tracking}")
+
+
+def validate_workers(train: TrainConfig) -> None:
+    """train.num_workers: a count of at least 1, or [min, max] with 1 <= min <= max (elastic)."""
+    n = train.num_workers
+    if isinstance(n, int) and n < 1 or isinstance(n, list) and (len(n) != 2 or not 1 <= n[0] <= n[1]):
+        raise ConfigError(f"train.num_workers must be a count of at least 1 or [min, max] with 1 <= min <= max "
+                          f"(elastic training), got {n}")
+    if not train.elastic_resize_monitor_interval_s >= 0:
+        raise ConfigError(f"train.elastic_resize_monitor_interval_s must be 0 or more seconds, "
+                          f"got {train.elastic_resize_monitor_interval_s}")
 
 
 def validate_deepspeed(ds: DeepSpeedConfig) -> None:
@@ -69,6 +97,11 @@ def validate_model(model: ModelConfig) -> None:
         raise ConfigError(f"model: model.dim={model.dim} must be divisible by fusion.num_heads={f.num_heads}.")
     if not d.channels:
         raise ConfigError("model: decoder.channels needs at least one entry.")
+    if not 0.0 < model.no_target_threshold < 1.0:
+        raise ConfigError(f"model: no_target_threshold must lie strictly between 0 and 1 (a probability), "
+                          f"got {model.no_target_threshold}.")
+    if not model.loss.no_target_weight >= 0.0:
+        raise ConfigError(f"model: loss.no_target_weight must be 0 or more, got {model.loss.no_target_weight}.")
     strides = [f.level / 2 ** (i + 1) for i in range(len(d.channels))]  # each decoder stage upsamples 2x
     if d.stem_skip and 2.0 not in strides[:-1]:
         raise ConfigError(
@@ -78,7 +111,7 @@ def validate_model(model: ModelConfig) -> None:
 
 
 def validate_data(data: DataConfig) -> None:
-    """data.source and the path it needs, data.min_scale and data.hflip_prob."""
+    """data.source and the path it needs, data.min_scale, data.hflip_prob, grefcoco's split_by."""
     if data.source not in SOURCES:
         raise ConfigError(f"data.source '{data.source}' is not one of refer | parquet | manifest")
     if data.source == "parquet" and not data.parquet:
@@ -90,10 +123,14 @@ def validate_data(data: DataConfig) -> None:
                           f"got {data.min_scale}; 1 turns the zoom-out off")
     if not 0.0 <= data.hflip_prob <= 1.0:
         raise ConfigError(f"data.hflip_prob must lie in [0, 1], got {data.hflip_prob}")
+    if data.dataset == "grefcoco" and data.split_by != "unc":
+        raise ConfigError(f"data.dataset=grefcoco is split by 'unc' only, got data.split_by={data.split_by!r}")
 
 
 def validate_sweep(cfg: Config) -> None:
-    """The ``tune.*`` settings a sweep cannot run, and a metric that needs validation epochs."""
+    """The ``tune.*`` settings a sweep cannot run, a metric that needs validation epochs, and
+    ``train.tracking`` (the sweep's logger callbacks use it before any trial runs)."""
+    validate_tracking(cfg.train.tracking)
     t = cfg.tune
     if t.mode not in ("max", "min"):
         raise ConfigError(f"tune.mode must be 'max' or 'min', got {t.mode!r}")
@@ -103,5 +140,8 @@ def validate_sweep(cfg: Config) -> None:
         raise ConfigError(f"tune.search must be 'random' or 'optuna', got {t.search!r}")
     if t.grace_period < 1:
         raise ConfigError(f"tune.grace_period must be at least 1 epoch, got {t.grace_period}")
+    if not isinstance(cfg.train.num_workers, int):
+        raise ConfigError(f"train.num_workers={cfg.train.num_workers}: a sweep's trials need a fixed worker count "
+                          "(each trial holds its resources for its life); set one number")
     if t.metric.startswith("val_") and cfg.train.val_every < 1:
         raise ConfigError(f"tune.metric={t.metric} needs validation: set train.val_every to 1 (or more)")

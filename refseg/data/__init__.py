@@ -1,4 +1,4 @@
-"""Data: sources (refer files, manifests, Parquet shards, synthetic) -> ref rows -> decoded samples.
+"""Data: sources (refer files, gRefCOCO, manifests, Parquet shards, synthetic) -> ref rows -> decoded samples.
 
     from refseg.data import load_split, build_dataset, write_shards, read_manifest, SkipReport
 
@@ -20,15 +20,17 @@ from typing import Any
 
 _EXPORTS = {
     "skips": ["RefSegDataError", "SkipReport", "SkipSample"],
-    "sources.refer": ["load_split", "load_split_refs", "read_refs", "split_matches"],
+    "sources.refer": ["load_split", "load_split_refs", "split_matches"],
+    "sources.coco_files": ["read_refs"],
     "sources.synthetic": ["make_synthetic", "ensure_synthetic"],
+    "sources.synthetic_generalized": ["make_generalized_synthetic", "ensure_generalized_synthetic"],
     "sources.manifest": ["read_manifest", "write_manifest", "load_mask_png"],
     "sources.shards": ["write_shards", "prepare"],
     "masks": ["decode_mask", "encode_rle", "rle_to_mask", "segmentation_problem"],
     "transforms": ["load_image", "ImageError", "preprocess", "preprocess_with_meta", "unresize_logits",
                    "random_augment", "hflip_sample", "swap_left_right", "tokenize",
                    "IMAGENET_MEAN", "IMAGENET_STD"],
-    "refs": ["derangement", "group_refs", "load_refs"],
+    "refs": ["derangement", "ensure_synthetic_data", "group_refs", "load_refs"],
     "samples": ["COLUMNS", "SampleOptions", "TokenizerSpec", "decode_batch", "fast_tokenizer", "sample_opts",
                 "tokenizer_spec"],
     "pipeline": ["build_dataset", "count_refs"],

@@ -4,9 +4,9 @@
     samples = cached.map_batches(decode_batch, ...)  # every epoch: sentence draw, augment, tokenise
     # training: each worker keeps its shard of `cached` in memory and samples it itself (ShardCache)
 
-:func:`cache_batch` turns ref rows into cache rows: the decoded pixels and mask, the original size
-and the ref's usable sentences (the shuffle_expressions override already applied). Bad samples are
-dropped and counted here, once per run instead of once per epoch. Without augmentation (evaluation)
+:func:`cache_batch` turns ref rows into cache rows: the decoded pixels and mask, the original size,
+the ref's usable sentences (the shuffle_expressions override already applied) and its ``no_target``
+flag. Bad samples are dropped and counted here, once per run instead of once per epoch. Without augmentation (evaluation)
 the pixels are the content resized to the model's geometry (``resize_geometry``: bilinear image,
 nearest mask), so ``preprocess`` only normalises and pads and the samples are bit-identical to the
 uncached path. Augmented training keeps the original pixels: augmentation and resizing then run
@@ -24,7 +24,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from refseg.data.samples import SampleOptions, decode_batch, fast_tokenizer, load_sample, usable_texts
+from refseg.data.samples import (
+    SampleOptions,
+    decode_batch,
+    fast_tokenizer,
+    is_no_target,
+    load_sample,
+    usable_texts,
+)
 from refseg.data.skips import RefSegDataError, SkipReport, SkipSample
 from refseg.data.transforms import resize_geometry, resize_to
 
@@ -53,7 +60,8 @@ def cache_batch(batch: dict, opts: SampleOptions, collector: Any = None) -> dict
     """Ref rows -> cache rows (see the module doc); dropped samples are counted in ``collector``
     (:meth:`refseg.data.skips.SkipReport.collector`) when given."""
     size, dropped, original = opts.image_size, SkipReport(), keeps_original(opts)
-    rows: dict[str, list] = {k: [] for k in ("ref_id", "sent_ids", "sentences", "orig_h", "orig_w", "pixels", "pixel_mask")}
+    rows: dict[str, list] = {k: [] for k in ("ref_id", "sent_ids", "sentences", "orig_h", "orig_w", "pixels", "pixel_mask",
+                                             "no_target")}
     for i in range(len(batch["ref_id"])):
         ref_id = int(batch["ref_id"][i])
         good = usable_texts(batch, i, opts, dropped)
@@ -69,11 +77,13 @@ def cache_batch(batch: dict, opts: SampleOptions, collector: Any = None) -> dict
             image, mask = resize_to(image, rh, rw, Image.BILINEAR), resize_to(mask, rh, rw, Image.NEAREST)
         for key, value in (("ref_id", ref_id), ("sent_ids", [s for s, _ in good]),
                            ("sentences", [t for _, t in good]), ("orig_h", oh), ("orig_w", ow),
-                           ("pixels", np.ascontiguousarray(image)), ("pixel_mask", np.ascontiguousarray(mask))):
+                           ("pixels", np.ascontiguousarray(image)), ("pixel_mask", np.ascontiguousarray(mask)),
+                           ("no_target", is_no_target(batch, i))):
             rows[key].append(value)
     dropped.send(collector)
     n = len(rows["ref_id"])
     out: dict[str, np.ndarray] = {k: np.asarray(rows[k], np.int64).reshape(n) for k in ("ref_id", "orig_h", "orig_w")}
+    out["no_target"] = np.asarray(rows["no_target"], bool).reshape(n)
     for key in ("sent_ids", "sentences", "pixels", "pixel_mask"):  # lists / arrays of varying shape
         out[key] = _objects(rows[key])
     return out

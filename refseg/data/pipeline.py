@@ -91,7 +91,8 @@ def _parquet_dataset(path: str, ref_level: bool, shuffle_seed: int | None, num_c
     if fs.get_file_info(inner).type == pafs.FileType.NotFound:
         raise RefSegDataError(f"Parquet shards {path} do not exist; write them with `refseg prepare --out ...`")
     names = pads.dataset(inner, filesystem=fs, format="parquet").schema.names
-    base = [c for c in ("ref_id", "image_bytes", "mask_rle", "mask_h", "mask_w", "height", "width") if c in names]
+    base = [c for c in ("ref_id", "image_bytes", "mask_rle", "mask_h", "mask_w", "height", "width", "no_target")
+            if c in names]  # shards written before gRefCOCO have no no_target column: read as False
     shuffle = None
     if shuffle_seed is not None:
         shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
@@ -99,7 +100,8 @@ def _parquet_dataset(path: str, ref_level: bool, shuffle_seed: int | None, num_c
     if "ref_sentences" in names:  # written by write_shards: the first row of a ref lists all its sentences
         if not ref_level:
             return ds.select_columns(base + ["sent_id", "sentence"])
-        return ds.select_columns(PARQUET_REF_COLUMNS).filter(expr=col("sent_index") == 0)  # pushed into the read
+        ref_columns = PARQUET_REF_COLUMNS + [c for c in ("no_target",) if c in names]
+        return ds.select_columns(ref_columns).filter(expr=col("sent_index") == 0)  # pushed into the read
     ds = ds.select_columns(base + ["sent_id", "sentence"])
     return ds.groupby("ref_id").map_groups(_collapse_refs, batch_format="pyarrow") if ref_level else ds
 

@@ -20,9 +20,11 @@ import pyarrow as pa
 from refseg.config import DataConfig
 from refseg.config.validate import validate_data
 from refseg.data.skips import RefSegDataError, SkipReport
+from refseg.data.sources import grefcoco
 from refseg.data.sources.manifest import read_manifest
 from refseg.data.sources.refer import load_split_refs
 from refseg.data.sources.synthetic import ensure_synthetic
+from refseg.data.sources.synthetic_generalized import ensure_generalized_synthetic
 
 
 def derangement(n: int, seed: int) -> np.ndarray:
@@ -80,7 +82,7 @@ def cap_refs(refs: list[dict], max_samples: int | None, train: bool) -> list[dic
 
 def refs_table(refs: list[dict]) -> pa.Table:
     """Ref dicts -> a pyarrow Table with the columns :func:`refseg.data.samples.decode_batch` reads
-    (the segmentation travels as a JSON string, ``seg_json``)."""
+    (the segmentation travels as a JSON string, ``seg_json``; ``no_target`` is False for classic refs)."""
     def ints(key: str, default: int = -1) -> pa.Array:
         return pa.array([default if r.get(key) is None else int(r[key]) for r in refs], pa.int64())
 
@@ -93,16 +95,29 @@ def refs_table(refs: list[dict]) -> pa.Table:
         "height": ints("height"), "width": ints("width"),
         "sent_ids": pa.array([r["sent_ids"] for r in refs], pa.list_(pa.int64())),
         "sentences": pa.array([r["sentences"] for r in refs], pa.list_(pa.string())),
+        "no_target": pa.array([bool(r.get("no_target", False)) for r in refs], pa.bool_()),
     })
 
 
+def ensure_synthetic_data(data_cfg: DataConfig) -> None:
+    """With ``data.synthetic``: write the synthetic set of ``data.dataset`` (the generalized one for
+    grefcoco) at ``data.root`` unless its refs file is there (a real set at root is never touched)."""
+    if not data_cfg.synthetic or data_cfg.source != "refer":
+        return
+    root = os.path.expanduser(data_cfg.root)
+    if data_cfg.dataset == grefcoco.DATASET:
+        if not os.path.exists(os.path.join(root, grefcoco.DATASET, f"grefs({data_cfg.split_by}).json")):
+            ensure_generalized_synthetic(data_cfg.root, data_cfg.synthetic_images, data_cfg.synthetic_seed)
+    elif not os.path.exists(os.path.join(root, data_cfg.dataset, f"refs({data_cfg.split_by}).p")):
+        ensure_synthetic(data_cfg.root, data_cfg.synthetic_images, data_cfg.synthetic_seed)
+
+
 def load_refs(data_cfg: DataConfig, split: str, report: SkipReport | None = None) -> list[dict]:
-    """The usable refs of ``split`` from the refer files or the manifest (listing-time skips -> report)."""
+    """The usable refs of ``split`` from the refer files (gRefCOCO too) or the manifest (listing-time
+    skips -> report)."""
     validate_data(data_cfg)
     if data_cfg.source == "refer":
-        refs_file = os.path.join(os.path.expanduser(data_cfg.root), data_cfg.dataset, f"refs({data_cfg.split_by}).p")
-        if data_cfg.synthetic and not os.path.exists(refs_file):  # never touches a real set at root
-            ensure_synthetic(data_cfg.root, data_cfg.synthetic_images, data_cfg.synthetic_seed)
+        ensure_synthetic_data(data_cfg)
         refs = load_split_refs(data_cfg.root, data_cfg.dataset, data_cfg.split_by, split,
                                image_dir=data_cfg.image_dir, report=report)
         return [{**r, "sent_ids": [s["sent_id"] for s in r["sentences"]],

@@ -4,6 +4,7 @@
     out = decode_batch(rows, fast_tokenizer(tokenizer), opts)   # NumPy columns, see COLUMNS
     out["image"]  # (B, 3, S, S) float32, ImageNet-normalised
     out["mask"]   # (B, S, S) float32 {0, 1}; input_ids / attention_mask (B, L) int64
+    out["no_target"]  # (B,) float32 {0, 1}: 1 = the expression names nothing (gRefCOCO); its mask is all 0
 
 A row is one ref: its image (a path / URI, or the bytes of a Parquet shard), its mask (a JSON
 segmentation, an RLE string column or a PNG path) and its sentences. A training row becomes ONE
@@ -38,7 +39,7 @@ from refseg.data.transforms import (
 )
 from refseg.io import is_uri, read_bytes
 
-COLUMNS = ("image", "mask", "input_ids", "attention_mask", "ref_id", "sent_id", "orig_h", "orig_w")
+COLUMNS = ("image", "mask", "input_ids", "attention_mask", "ref_id", "sent_id", "orig_h", "orig_w", "no_target")
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,11 @@ def usable_texts(batch: dict, i: int, opts: SampleOptions, dropped: SkipReport) 
     return good
 
 
+def is_no_target(batch: dict, i: int) -> bool:
+    """Does row ``i`` name nothing? (rows without a ``no_target`` column: no)"""
+    return "no_target" in batch and bool(batch["no_target"][i])
+
+
 def _known_size(batch: dict, i: int) -> tuple[int, int] | None:
     """The original (H, W) when the row states it (RLE size, or height/width), else None."""
     if "mask_h" in batch:
@@ -209,13 +215,14 @@ def load_sample(batch: dict, i: int, opts: SampleOptions) -> tuple[np.ndarray, n
     except OSError as e:  # remote storage errors
         raise SkipSample(skips.MISSING_IMAGE_FILE, f"{where}: {e}") from None
     orig = known or image.shape[:2]
+    no_target = is_no_target(batch, i)
     try:
-        mask = _mask(batch, i, orig)
+        mask = np.zeros(orig, np.uint8) if no_target else _mask(batch, i, orig)
     except (ValueError, TypeError, KeyError, OSError) as e:
         raise SkipSample(skips.INVALID_SEGMENTATION, f"ref {ref_id}: {e}") from None
     if mask.shape != tuple(orig) or not is_draft_size(tuple(orig), image.shape[:2]):
         raise SkipSample(skips.SIZE_MISMATCH, f"ref {ref_id}: mask {mask.shape}, image {image.shape[:2]}")
-    if not mask.any():
+    if not no_target and not mask.any():
         raise SkipSample(skips.ZERO_AREA, f"ref {ref_id}")
     return image, mask, (int(orig[0]), int(orig[1]))
 
@@ -230,7 +237,8 @@ def cached_sample(batch: dict, i: int) -> tuple[np.ndarray, np.ndarray, tuple[in
 def _empty(size: int, length: int) -> dict:
     return {"image": np.zeros((0, 3, size, size), np.float32), "mask": np.zeros((0, size, size), np.float32),
             "input_ids": np.zeros((0, length), np.int64), "attention_mask": np.zeros((0, length), np.int64),
-            **{k: np.zeros((0,), np.int64) for k in ("ref_id", "sent_id", "orig_h", "orig_w")}}
+            **{k: np.zeros((0,), np.int64) for k in ("ref_id", "sent_id", "orig_h", "orig_w")},
+            "no_target": np.zeros((0,), np.float32)}
 
 
 def decode_batch(batch: dict, tokenizer: Any, opts: SampleOptions, collector: Any = None) -> dict:
@@ -242,7 +250,7 @@ def decode_batch(batch: dict, tokenizer: Any, opts: SampleOptions, collector: An
     rng = np.random.default_rng()  # OS entropy: each epoch (each execution) draws anew
     cached = "pixels" in batch  # rows of the data.cache stage: decoded already (refseg.data.cache)
     size, dropped = opts.image_size, SkipReport()
-    images, masks, meta, sentences = [], [], [], []
+    images, masks, meta, sentences, no_target = [], [], [], [], []
     for i in range(len(batch["ref_id"])):
         ref_id = int(batch["ref_id"][i])
         good = usable_texts(batch, i, opts, dropped)
@@ -266,6 +274,7 @@ def decode_batch(batch: dict, tokenizer: Any, opts: SampleOptions, collector: An
             masks.append(mask)
             sentences.append(text)
             meta.append((ref_id, sent_id, orig_h, orig_w))
+            no_target.append(is_no_target(batch, i))
     dropped.send(collector)
     if not images:
         return _empty(size, opts.max_tokens)
@@ -277,4 +286,5 @@ def decode_batch(batch: dict, tokenizer: Any, opts: SampleOptions, collector: An
         "input_ids": np.asarray(input_ids, dtype=np.int64),  # (B, L)
         "attention_mask": np.asarray(attention_mask, dtype=np.int64),  # (B, L)
         "ref_id": meta_arr[:, 0], "sent_id": meta_arr[:, 1], "orig_h": meta_arr[:, 2], "orig_w": meta_arr[:, 3],
+        "no_target": np.asarray(no_target, np.float32),  # (B,)
     }

@@ -33,6 +33,11 @@ INVALID_SEGMENTATION = "invalid segmentation"
 ZERO_AREA = "zero-area segmentation"
 SIZE_MISMATCH = "mask/image size mismatch"
 EMPTY_SENTENCE = "empty sentence"
+# gRefCOCO refs (refseg.data.sources.grefcoco)
+UNKNOWN_SPLIT = "unknown split"  # a ref whose split is not train / val / testA / testB
+NO_ANNOTATIONS = "ref without annotations"  # ann_id is an empty list
+NO_TARGET_WITH_ANNOTATIONS = "no-target ref with annotations"  # [-1] (or no_target) beside real ann ids
+CROWD_ONLY = "only crowd annotations"  # every annotation of a target ref is iscrowd
 
 
 class RefSegDataError(ValueError):

@@ -2,7 +2,7 @@
 and the Ray Data actor pool over Arrow blocks of exactly one batch each.
 
     check_batch_args(checkpoint, output, workers, batch_size, threshold)   # ConfigError naming the flag
-    box, cfg = ship_checkpoint("runs/debug/model.pt")                # model.pt bytes in the object store
+    box, cfg = ship_checkpoint("runs/debug/model.pt")      # the model's files in the object store
     ds = actor_pool(EvalActor, rows, {"box": box, ...}, workers=2, batch_size=16)
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 from refseg.config import ConfigError
 from refseg.infer.predictor import Predictor, load_checkpoint_model, resolve_checkpoint
-from refseg.infer.preflight import check_checkpoint
+from refseg.infer.preflight import MODEL_FILE, check_checkpoint
 from refseg.io import check_output_dir, is_uri
 from refseg.runtime import actor_options
 
@@ -38,28 +38,31 @@ def check_batch_args(checkpoint: str | os.PathLike, output: str | os.PathLike, w
 
 
 def ship_checkpoint(checkpoint: str | os.PathLike) -> tuple[list, Any]:
-    """Put the model.pt bytes in the object store (actors on other nodes need no shared disk).
+    """Put the model's files in the object store (actors on other nodes need no shared disk): a
+    model.pt's bytes, or every file of an artifact folder, as ``{name: bytes}``.
 
     Returns ([ObjectRef], the checkpoint's Config). A DeepSpeed dir is consolidated first."""
     import ray
 
     with tempfile.TemporaryDirectory(prefix="refseg-ckpt-") as tmp:
-        model_pt = resolve_checkpoint(checkpoint, tmp)
-        _, cfg = load_checkpoint_model(model_pt, "cpu")  # validates the file before any actor starts
-        box = [ray.put(model_pt.read_bytes())]
+        model = resolve_checkpoint(checkpoint, tmp)
+        _, cfg = load_checkpoint_model(model, "cpu")  # validates the files before any actor starts
+        files = ({f.name: f.read_bytes() for f in model.iterdir() if f.is_file()} if model.is_dir()
+                 else {MODEL_FILE: model.read_bytes()})
+        box = [ray.put(files)]
     return box, cfg
 
 
 def predictor_from_box(box: list, compile: bool = False) -> Predictor:
-    """Inside an actor: the Predictor for the model.pt bytes in ``box`` (CUDA when visible)."""
+    """Inside an actor: the Predictor for the model files in ``box`` (CUDA when visible)."""
     import ray
     import torch
 
-    data = ray.get(box[0])
+    files = ray.get(box[0])
     with tempfile.TemporaryDirectory(prefix="refseg-actor-") as tmp:
-        path = Path(tmp) / "model.pt"
-        path.write_bytes(data)
-        return Predictor.from_checkpoint(path, "cuda" if torch.cuda.is_available() else "cpu", compile=compile)
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        return Predictor.from_checkpoint(tmp, "cuda" if torch.cuda.is_available() else "cpu", compile=compile)
 
 
 def batch_blocks(items: list[dict], batch_size: int) -> list:

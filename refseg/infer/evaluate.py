@@ -14,6 +14,14 @@ Outputs in ``output``: metrics.json, per_sample.jsonl (sorted by ref_id, sent_id
 
 A sample whose image or mask cannot be used is counted in ``metrics.json["skipped"]`` under its
 :mod:`refseg.data.skips` reason, never scored.
+
+Generalized data (``dataset`` in GENERALIZED_DATASETS, gRefCOCO) is scored with
+:class:`refseg.metrics.GresMetrics`: metrics.json holds giou, ciou, n_acc, t_acc, precision_at (0.7 /
+0.8 / 0.9 over target samples), num_samples, num_target and num_no_target; a no-target record's ground
+truth is an empty mask. A sample is predicted no-target when the model's no-target head says so (see
+:class:`refseg.infer.predictor.Predictor`), or, for a model without the head, when its mask is empty;
+its saved mask is then all zero. per_sample.jsonl adds gt_no_target, pred_no_target and no_target_prob,
+and its intersection / union / iou are the GRES-scored ones (they sum to cIoU's numerator and denominator).
 """
 
 from __future__ import annotations
@@ -27,9 +35,11 @@ from pathlib import Path
 import numpy as np
 
 from refseg.config import ConfigError
+from refseg.config.schema import GENERALIZED_DATASETS
 from refseg.data.skips import INVALID_SEGMENTATION, SIZE_MISMATCH, UNREADABLE_IMAGE, SkipSample
 from refseg.infer.batch import actor_pool, check_batch_args, predictor_from_box, ship_checkpoint
 from refseg.io import write_text_atomic
+from refseg.progress import Progress
 from refseg.runtime import init_ray
 
 log = logging.getLogger("refseg.infer")
@@ -48,13 +58,17 @@ class EvalActor:
         self.masks_dir = Path(masks_dir) if masks_dir else None
 
     def _load(self, batch: dict, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(image (h, w, 3) uint8, GT (H, W) uint8); raises SkipSample."""
+        """(image (h, w, 3) uint8, GT (H, W) uint8; all zero for a no-target record); raises SkipSample."""
         from refseg.data.masks import decode_mask
         from refseg.data.samples import is_draft_size
         from refseg.data.transforms import ImageError, load_image
 
+        h, w = int(batch["height"][i]), int(batch["width"][i])
         try:
-            gt = decode_mask(json.loads(str(batch["seg_json"][i])), int(batch["height"][i]), int(batch["width"][i]))
+            if batch["no_target"][i]:
+                gt = np.zeros((h, w), np.uint8)
+            else:
+                gt = decode_mask(json.loads(str(batch["seg_json"][i])), h, w)
         except (ValueError, TypeError, KeyError) as e:
             raise SkipSample(INVALID_SEGMENTATION, str(e)) from None
         try:  # COCO masks live on the stored pixel grid: no EXIF rotation; JPEG draft like training
@@ -72,6 +86,7 @@ class EvalActor:
         cols = {k: np.zeros(n, np.int64) for k in AREA_COLUMNS}
         if self.at_train_res:
             cols.update({f"{k}_tr": np.zeros(n, np.int64) for k in AREA_COLUMNS})
+        pred_nt, nt_prob = np.zeros(n, bool), np.full(n, np.nan, np.float32)
         reasons = [""] * n
         good, xs, metas, gts, gts_small = [], [], [], [], []
         for i in range(n):
@@ -85,9 +100,14 @@ class EvalActor:
                                                   p.keep_aspect, orig_size=gt.shape)
             good.append(i), xs.append(x), metas.append(meta), gts.append(gt), gts_small.append(small)
         if good:
-            probs, _ = p.forward(np.stack(xs), [str(batch["sentence"][i]) for i in good])
+            probs, _, no_target = p.forward(np.stack(xs), [str(batch["sentence"][i]) for i in good],
+                                            return_no_target=True)
             for j, i in enumerate(good):
-                mask, _ = p.finish(probs[j], metas[j], self.threshold)
+                mask, _ = p.finish(probs[j], metas[j], self.threshold)  # empty when the head says no-target
+                if no_target is None:
+                    pred_nt[i] = not mask.any()
+                else:
+                    nt_prob[i], pred_nt[i] = no_target[j], no_target[j] > p.no_target_threshold
                 self._record(cols, "", i, mask, gts[j])
                 if self.at_train_res:
                     rh, rw = metas[j]["resized_h"], metas[j]["resized_w"]
@@ -97,7 +117,8 @@ class EvalActor:
 
                     save_png(mask_png(mask), self.masks_dir / f"{int(batch['ref_id'][i])}_{int(batch['sent_id'][i])}.png")
         return {"ref_id": np.asarray(batch["ref_id"], np.int64), "sent_id": np.asarray(batch["sent_id"], np.int64),
-                "reason": np.asarray(reasons, dtype=object), **cols}
+                "reason": np.asarray(reasons, dtype=object), "gt_no_target": np.asarray(batch["no_target"], bool),
+                "pred_no_target": pred_nt, "no_target_prob": nt_prob, **cols}
 
     @staticmethod
     def _record(cols: dict, suffix: str, i: int, pred: np.ndarray, gt: np.ndarray) -> None:
@@ -114,16 +135,23 @@ def _items(records: list[dict]) -> list[dict]:
     """Arrow-friendly rows (the segmentation, polygons or RLE, travels as a JSON string)."""
     return [{"ref_id": int(r["ref_id"]), "sent_id": int(r["sent_id"]), "image_path": str(r["image_path"]),
              "sentence": str(r["sentence"]), "height": int(r["height"]), "width": int(r["width"]),
-             "seg_json": json.dumps(r["segmentation"])} for r in records]
+             "seg_json": json.dumps(r.get("segmentation")), "no_target": bool(r.get("no_target", False))}
+            for r in records]
 
 
-def _metrics(rows: dict, suffix: str) -> dict:
-    from refseg.metrics import SegMetrics
+def _accumulate(rows: dict, suffix: str, generalized: bool):
+    """The scored samples' SegMetrics (GresMetrics on generalized data) from the actors' columns."""
+    from refseg.metrics import GresMetrics, SegMetrics
 
-    m = SegMetrics()
     ok = rows["reason"] == ""
-    m.add(*(rows[f"{k}{suffix}"][ok] for k in AREA_COLUMNS), keys=rows["sent_id"][ok])
-    return m.compute()
+    areas = [rows[f"{k}{suffix}"][ok] for k in AREA_COLUMNS]
+    if not generalized:
+        m = SegMetrics()
+        m.add(*areas, keys=rows["sent_id"][ok])
+        return m
+    m = GresMetrics()
+    m.add(*areas, rows["gt_no_target"][ok], rows["pred_no_target"][ok], keys=rows["sent_id"][ok])
+    return m
 
 
 def run_eval_pipeline(records: list[dict], box: list, *, workers: int, batch_size: int, threshold: float,
@@ -132,7 +160,11 @@ def run_eval_pipeline(records: list[dict], box: list, *, workers: int, batch_siz
     kwargs = {"box": box, "threshold": threshold, "at_train_res": at_train_res,
               "masks_dir": str(masks_dir) if masks_dir else None, "compile": compile}
     ds = actor_pool(EvalActor, _items(records), kwargs, workers=workers, batch_size=batch_size)
-    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    parts = []
+    with Progress("evaluate", total=len(records), unit="samples") as bar:
+        for part in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            parts.append(part)
+            bar.update(len(part["ref_id"]))
     cols = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]} if parts else {}
     order = np.lexsort((cols["sent_id"], cols["ref_id"]))
     return {k: v[order] for k, v in cols.items()}
@@ -170,29 +202,41 @@ def evaluate(checkpoint: str | os.PathLike, data_root: str | os.PathLike, datase
     for reason in cols["reason"]:  # samples the actors could not use
         if reason:
             report.add(str(reason))
-    metrics = {**_metrics(cols, ""), "resolution": "original", "threshold": threshold,
+    generalized = dataset in GENERALIZED_DATASETS
+    scores = _accumulate(cols, "", generalized)
+    metrics = {**scores.compute(), "resolution": "original", "threshold": threshold,
                "checkpoint": str(checkpoint), "dataset": dataset, "split_by": split_by, "split": split}
     if at_train_res:
         size = cfg.data.image_size
-        metrics["at_train_res"] = {**_metrics(cols, "_tr"),
+        metrics["at_train_res"] = {**_accumulate(cols, "_tr", generalized).compute(),
                                    "resolution": f"train ({size}x{size}, GT resized nearest)"}
     metrics["skipped"] = dict(report.counts)
     metrics["wall_s"] = round(time.time() - t0, 2)
-    _write_per_sample(out / "per_sample.jsonl", cols, {(r["ref_id"], r["sent_id"]): r["sentence"] for r in records})
+    sentences = {(r["ref_id"], r["sent_id"]): r["sentence"] for r in records}
+    _write_per_sample(out / "per_sample.jsonl", cols, sentences, scores if generalized else None)
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1, ensure_ascii=False) + "\n")
     return metrics
 
 
-def _write_per_sample(path: Path, cols: dict, sentences: dict) -> None:
+def _write_per_sample(path: Path, cols: dict, sentences: dict, gres=None) -> None:
+    """One JSON line per scored sample; with ``gres`` (the split's GresMetrics, in the same order) the
+    GRES-scored intersection / union / iou and the no-target flags and probability."""
+    ok = np.flatnonzero(cols["reason"] == "")
+    if gres is None:
+        inters, unions = cols["intersection"][ok], cols["union"][ok]
+        ious = [int(i) / int(u) if u else 0.0 for i, u in zip(inters, unions)]
+    else:
+        inters, unions, ious = gres.scored()
     lines = []
-    for i in range(len(cols["ref_id"])):
-        if cols["reason"][i]:
-            continue
+    for j, i in enumerate(ok):
         key = (int(cols["ref_id"][i]), int(cols["sent_id"][i]))
-        inter, union = int(cols["intersection"][i]), int(cols["union"][i])
-        lines.append(json.dumps({"ref_id": key[0], "sent_id": key[1], "sentence": sentences[key],
-                                 "intersection": inter, "union": union, "iou": inter / union if union else 0.0},
-                                ensure_ascii=False) + "\n")
+        row = {"ref_id": key[0], "sent_id": key[1], "sentence": sentences[key], "intersection": int(inters[j]),
+               "union": int(unions[j]), "iou": float(ious[j])}
+        if gres is not None:
+            prob = float(cols["no_target_prob"][i])
+            row.update(gt_no_target=bool(cols["gt_no_target"][i]), pred_no_target=bool(cols["pred_no_target"][i]),
+                       no_target_prob=None if np.isnan(prob) else prob)
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     write_text_atomic(path, "".join(lines))
 
 
@@ -200,6 +244,10 @@ def format_summary(m: dict) -> str:
     """One line for the terminal."""
     p = m["precision_at"]
     skipped = sum(m["skipped"].values())
+    if "giou" in m:
+        return (f"{m['split']}: gIoU {m['giou']:.4f}  cIoU {m['ciou']:.4f}  N-acc {m['n_acc']:.4f}  "
+                f"T-acc {m['t_acc']:.4f}  Pr@0.9 {p['0.9']:.4f}  ({m['num_samples']} samples, "
+                f"{m['num_no_target']} no-target, at original resolution, {skipped} skipped)")
     line = (f"{m['split']}: oIoU {m['oiou']:.4f}  mIoU {m['miou']:.4f}  P@0.5 {p['0.5']:.4f}  P@0.9 {p['0.9']:.4f}"
             f"  ({m['num_samples']} samples at original resolution, {skipped} skipped)")
     if "at_train_res" in m:

@@ -1,14 +1,18 @@
 """One-image inference: checkpoint -> model + tokenizer + preprocessing, predictions at original size.
 
     pred = Predictor.from_checkpoint("runs/debug/model.pt")          # or a run dir / DeepSpeed dir
+    pred = Predictor.from_pretrained("runs/debug/artifact")         # an artifact folder (refseg export)
     p = pred.predict("photo.jpg", "the dog on the left")             # path, PIL image or ndarray
     p.mask   # (H, W) bool at the ORIGINAL size     p.prob  # (H, W) float32 in [0, 1]
     p.attn   # (h, w) float32 heat map in [0, 1] (the fusion level's grid over the image content)
+    p.no_target_prob  # float in [0, 1] with a no-target head (gRefCOCO), else None
     pred.visualize("photo.jpg", "the dog on the left", "out.png")   # overlay | heat map PNG
 
 Image size, keep_aspect, max_tokens and the tokenizer come from the checkpoint's resolved config, so a
 checkpoint needs nothing else. Probabilities are warped back bilinearly (``unresize_logits``) and then
-thresholded (``prob > threshold``, i.e. ``logit > 0`` at 0.5, like training's validation).
+thresholded (``prob > threshold``, i.e. ``logit > 0`` at 0.5, like training's validation). A model with
+the no-target head (``model.no_target_head``) calls a sample empty when its no-target probability exceeds
+``model.no_target_threshold``; that sample's probability map is then all zero, so its mask is empty.
 """
 
 from __future__ import annotations
@@ -23,29 +27,34 @@ from typing import Any, Union
 import numpy as np
 
 from refseg.config import Config, ConfigError, config_from_dict
-from refseg.infer.preflight import MODEL_FILE, checkpoint_form_error, is_deepspeed_dir
+from refseg.infer.preflight import MODEL_FILE, checkpoint_form_error, is_artifact_dir, is_deepspeed_dir
 
 ImageLike = Union[str, os.PathLike, bytes, np.ndarray, "PIL.Image.Image"]  # noqa: F821
 
 
 @dataclass
 class Prediction:
-    """mask (H, W) bool and prob (H, W) float32 at the original size; attn (h, w) float32 in [0, 1]."""
+    """mask (H, W) bool and prob (H, W) float32 at the original size; attn (h, w) float32 in [0, 1];
+    no_target_prob: the no-target head's probability (None for a model without the head)."""
 
     mask: np.ndarray
     prob: np.ndarray
     attn: np.ndarray | None = None
+    no_target_prob: float | None = None
 
 
 # ----------------------------------------------------------------------------- checkpoints
 def resolve_checkpoint(path: str | os.PathLike, workdir: str | os.PathLike | None = None) -> Path:
-    """The ``model.pt`` behind ``path``: the file itself, ``<dir>/model.pt``, or a DeepSpeed checkpoint
-    dir (config.yaml + ckpt/) consolidated into ``<workdir or a temp dir>/model.pt``."""
+    """The model file behind ``path``: the file itself, ``<dir>/model.pt``, an artifact folder
+    (config.json + model.safetensors) as it is, or a DeepSpeed checkpoint dir (config.yaml + ckpt/)
+    consolidated into ``<workdir or a temp dir>/model.pt``."""
     p = Path(path).expanduser()
     if p.is_file():
         return p
     if p.is_dir() and (p / MODEL_FILE).is_file():
         return p / MODEL_FILE
+    if p.is_dir() and is_artifact_dir(p):
+        return p
     if p.is_dir() and is_deepspeed_dir(p):
         from refseg.train.checkpoint import export_checkpoint
 
@@ -70,7 +79,8 @@ def _full_config(saved: dict, model: Any) -> Config:
 
 def load_checkpoint_model(path: str | os.PathLike, device: str = "cpu") -> tuple[Any, Config]:
     """(RefSegModel in eval mode on ``device``, the checkpoint's full resolved Config) for a model.pt,
-    a training output dir holding model.pt, or a DeepSpeed checkpoint dir (converted first)."""
+    a training output dir holding model.pt, an artifact folder, or a DeepSpeed checkpoint dir (converted
+    first)."""
     from refseg.models.export import load_model
 
     with tempfile.TemporaryDirectory(prefix="refseg-ckpt-") as tmp:
@@ -136,13 +146,16 @@ class Predictor:
         self.tokenizer = tokenizer
         self.image_size, self.keep_aspect, self.max_tokens = int(image_size), bool(keep_aspect), int(max_tokens)
         self.config = config
+        model_cfg = getattr(model, "config", None)  # the no-target head's threshold (model.no_target_threshold)
+        self.no_target_threshold = model_cfg.no_target_threshold if model_cfg is not None else 0.5
         # CUDA: the float32 batch travels through one reused page-locked buffer (an asynchronous copy)
         self.pin = self.cuda
         self._staging = None
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", compile: bool = False) -> Predictor:
-        """Load a model.pt / training output dir / DeepSpeed checkpoint dir (see load_checkpoint_model)."""
+        """Load a model.pt / training output dir / artifact folder / DeepSpeed checkpoint dir (see
+        load_checkpoint_model)."""
         from refseg.models import load_tokenizer
 
         if device == "cuda":
@@ -154,6 +167,12 @@ class Predictor:
         return cls(model, load_tokenizer(cfg.model.text), cfg.data.image_size, cfg.data.keep_aspect,
                    cfg.data.max_tokens, device, cfg, compile)
 
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", compile: bool = False) -> Predictor:
+        """Load an artifact folder (``refseg export --format safetensors``: config.json + model.safetensors
+        + tokenizer files when needed) with no network; any other checkpoint form works too."""
+        return cls.from_checkpoint(path, device, compile)
+
     # -- pieces
     def prepare(self, image: np.ndarray, orig_size: tuple[int, int] | None = None) -> tuple[np.ndarray, dict]:
         """(H, W, 3) uint8 -> (image float32 (3, S, S), meta for :meth:`finish`)."""
@@ -162,9 +181,11 @@ class Predictor:
         x, _, meta = preprocess_with_meta(image, None, self.image_size, self.keep_aspect, orig_size)
         return x, meta
 
-    def forward(self, images: np.ndarray, texts: Sequence[str], return_attn: bool = False
-                ) -> tuple[np.ndarray, np.ndarray | None]:
-        """images (B, 3, S, S) float32, B texts -> (prob (B, S, S) float32, attn (B, h, w) float32 | None)."""
+    def forward(self, images: np.ndarray, texts: Sequence[str], return_attn: bool = False,
+                return_no_target: bool = False) -> tuple:
+        """images (B, 3, S, S) float32, B texts -> (prob (B, S, S) float32, attn (B, h, w) float32 | None)
+        (+ no-target probability (B,) float32, None without the head, when ``return_no_target``). The
+        probability map of a sample the no-target head calls empty is all zero."""
         import torch
 
         from refseg.data.transforms import tokenize
@@ -183,9 +204,16 @@ class Predictor:
         with torch.inference_mode():
             out = self._run(x, torch.from_numpy(ids).to(self.device), torch.from_numpy(am).to(self.device),
                             return_attn=return_attn)
-        prob = torch.sigmoid(out["logits"].float())[:, 0].cpu().numpy()  # (B, S, S)
+        prob = torch.sigmoid(out["logits"].float())[:, 0]  # (B, S, S)
+        no_target = None
+        if "no_target_logit" in out:
+            no_target = torch.sigmoid(out["no_target_logit"].float())  # (B,)
+            prob = prob * (no_target <= self.no_target_threshold)[:, None, None].to(prob.dtype)
+            no_target = no_target.cpu().numpy()
         attn = out["attn"].float().cpu().numpy() if return_attn else None
-        return prob, attn
+        if return_no_target:
+            return prob.cpu().numpy(), attn, no_target
+        return prob.cpu().numpy(), attn
 
     def finish(self, prob: np.ndarray, meta: dict, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
         """(S, S) probabilities -> (mask (H, W) bool, prob (H, W) float32) at the original size."""
@@ -212,17 +240,22 @@ class Predictor:
         if not images:
             return []
         prepared = [self.prepare(to_rgb(im)) for im in images]
-        probs, attns = self.forward(np.stack([x for x, _ in prepared]), texts, return_attn=True)
+        probs, attns, no_target = self.forward(np.stack([x for x, _ in prepared]), texts, return_attn=True,
+                                               return_no_target=True)
         out = []
-        for (_, meta), prob, attn in zip(prepared, probs, attns):
+        for i, ((_, meta), prob, attn) in enumerate(zip(prepared, probs, attns)):
             mask, full = self.finish(prob, meta, threshold)
-            out.append(Prediction(mask, full, self.crop_attn(attn, meta)))
+            nt = None if no_target is None else float(no_target[i])
+            out.append(Prediction(mask, full, self.crop_attn(attn, meta), nt))
         return out
 
     def visualize(self, image: ImageLike, text: str, path: str | os.PathLike, threshold: float = 0.5) -> Path:
-        """Write a PNG: the mask overlaid on the image | the attention heat map, side by side."""
+        """Write a PNG: the mask overlaid on the image | the attention heat map, side by side (the caption
+        adds the no-target probability for a model with the no-target head)."""
         from refseg.infer.visualize import save_visualization
 
         rgb = to_rgb(image)
         pred = self.predict(rgb, text, threshold)
+        if pred.no_target_prob is not None:
+            text = f"{text}  [no-target p={pred.no_target_prob:.2f}]"
         return save_visualization(rgb, pred.mask, pred.attn, text, path)

@@ -6,8 +6,9 @@ A ``model.pt`` is a torch zip file; its pickle (``<archive>/data.pkl``) is read 
 storage and torch object replaced by an inert placeholder and the tensor data left unread, so the
 check costs milliseconds whatever the model's size and runs no code from the file. It confirms the
 structure (a dict with ``model_config`` and ``state_dict``) and validates the stored configs; whether
-the weights fit the model is checked when the model is built. A DeepSpeed checkpoint dir must hold a
-readable config.yaml and a model-states file in its ``ckpt/`` dir.
+the weights fit the model is checked when the model is built. An artifact folder (``refseg export``)
+must hold a refseg config.json and a model.safetensors whose JSON header reads. A DeepSpeed checkpoint
+dir must hold a readable config.yaml and a model-states file in its ``ckpt/`` dir.
 """
 
 from __future__ import annotations
@@ -15,16 +16,21 @@ from __future__ import annotations
 import codecs
 import collections
 import io
+import json
 import os
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
 
 from refseg.config import ConfigError, config_from_dict, load_yaml
+from refseg.io import check_output_dir, is_uri
 
 MODEL_FILE = "model.pt"
-FORMS = "pass a model.pt, a training output dir or a DeepSpeed checkpoint dir"
+# refseg.models.artifact's CONFIG_FILE and WEIGHTS_FILE (that package imports torch; tests tie the names)
+ARTIFACT_FILES = ("config.json", "model.safetensors")
+FORMS = "pass a model.pt, a training output dir, an artifact folder (refseg export) or a DeepSpeed checkpoint dir"
 # globals a torch.save'd dict pickles besides torch's own (protocol 2 spells sets and bytes this way)
 _PLAIN_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict, ("builtins", "set"): set,
@@ -90,18 +96,29 @@ def is_deepspeed_dir(path: Path) -> bool:
     return (path / CKPT_TAG).is_dir()
 
 
+def is_artifact_dir(path: Path) -> bool:
+    """An artifact folder as ``refseg export`` writes it: config.json + model.safetensors."""
+    return all((path / name).is_file() for name in ARTIFACT_FILES)
+
+
 def checkpoint_form_error(path: Path) -> ConfigError:
     """The sentence for a ``--checkpoint`` that is none of the accepted forms."""
     if not path.exists():
         return ConfigError(f"checkpoint '{path}' does not exist; {FORMS}")
-    return ConfigError(f"checkpoint '{path}' is neither a model.pt, a directory holding model.pt, nor a "
-                       "DeepSpeed checkpoint dir (config.yaml + ckpt/); pass one of those")
+    return ConfigError(f"checkpoint '{path}' is neither a model.pt, a directory holding model.pt, an artifact "
+                       "folder (config.json + model.safetensors) nor a DeepSpeed checkpoint dir (config.yaml + "
+                       "ckpt/); pass one of those")
 
 
 def _check_model_file(path: Path) -> None:
     payload = peek_torch_file(path)
     if not isinstance(payload, dict) or "model_config" not in payload or "state_dict" not in payload:
         raise ConfigError(f"model file '{path}' is not a refseg model.pt (missing model_config/state_dict).")
+    _check_configs(path, payload)
+
+
+def _check_configs(path: Path, payload: dict) -> None:
+    """The stored model config (and the resolved config, when saved) must be valid for this refseg."""
     try:
         config_from_dict({"model": payload["model_config"]})
     except (ConfigError, ValueError, TypeError, AttributeError) as e:
@@ -111,6 +128,28 @@ def _check_model_file(path: Path) -> None:
             config_from_dict(payload["config"])
         except (ConfigError, ValueError, TypeError, AttributeError) as e:
             raise ConfigError(f"the checkpoint's stored config is not valid for this refseg version: {e}") from None
+
+
+def _check_artifact_dir(path: Path) -> None:
+    config, weights = (path / name for name in ARTIFACT_FILES)
+    try:
+        meta = json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"artifact folder '{path}': {config.name} could not be read ({type(e).__name__}); "
+                          "export the model again") from None
+    if not isinstance(meta, dict) or meta.get("format") != "refseg" or "model_config" not in meta:
+        raise ConfigError(f"artifact folder '{path}' was not written by refseg ({config.name} has no "
+                          "format='refseg' / model_config); pass a folder written by refseg export")
+    _check_configs(path, meta)
+    try:  # safetensors: an 8-byte little-endian header length, then the JSON header
+        with open(weights, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > weights.stat().st_size - 8:
+                raise ValueError("header longer than the file")
+            json.loads(f.read(n))
+    except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"artifact folder '{path}': {weights.name} could not be read ({type(e).__name__}); "
+                          "export the model again") from None
 
 
 def _check_deepspeed_dir(path: Path) -> None:
@@ -131,14 +170,29 @@ def _check_deepspeed_dir(path: Path) -> None:
 
 
 def check_checkpoint(path: str | os.PathLike) -> None:
-    """Raise :class:`ConfigError` (one sentence) unless ``path`` is a model.pt, a dir holding one, or
-    a DeepSpeed checkpoint dir that looks loadable (see the module docstring). Reads no tensor data."""
+    """Raise :class:`ConfigError` (one sentence) unless ``path`` is a model.pt, a dir holding one, an
+    artifact folder or a DeepSpeed checkpoint dir that looks loadable (see the module docstring). Reads
+    no tensor data."""
     p = Path(path).expanduser()
     if p.is_file():
         _check_model_file(p)
     elif p.is_dir() and (p / MODEL_FILE).is_file():
         _check_model_file(p / MODEL_FILE)
+    elif p.is_dir() and is_artifact_dir(p):
+        _check_artifact_dir(p)
     elif p.is_dir() and is_deepspeed_dir(p):
         _check_deepspeed_dir(p)
     else:
         raise checkpoint_form_error(p)
+
+
+def check_artifact_out(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Raise :class:`ConfigError` (naming ``flag``) unless an artifact folder can be written at ``path``:
+    a new or empty directory, or an artifact folder (then replaced). Creates nothing."""
+    if is_uri(path):
+        raise ConfigError(f"{flag} '{path}' must be a local directory (the folder is written atomically there)")
+    check_output_dir(path, flag)
+    p = Path(path).expanduser()
+    if p.is_dir() and any(p.iterdir()) and not is_artifact_dir(p):
+        raise ConfigError(f"{flag} {path} holds other files; pass a new or empty directory (or an artifact folder "
+                          "to replace)")

@@ -39,6 +39,7 @@ from refseg.infer.batch import actor_pool, check_batch_args, predictor_from_box,
 from refseg.infer.predictor import to_rgb
 from refseg.infer.visualize import mask_png, overlay, save_png
 from refseg.io import is_uri, resolve_path, write_text_atomic
+from refseg.progress import Progress
 from refseg.runtime import init_ray
 
 log = logging.getLogger("refseg.infer")
@@ -260,9 +261,10 @@ def _collect(ds: Any, results_path: Path, good: list[dict], workers: int) -> tup
     where steady_from = (time, rows back) once every actor has returned a batch (start-up excluded)."""
     given = {r["id"]: (r["image_given"], r["text"]) for r in good}
     ok, rows_back, actors, steady_from, errors = 0, 0, set(), None, []
-    with _open_results(results_path) as f:
+    with _open_results(results_path) as f, Progress("segment", total=len(good), unit="images") as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             rows_back += len(batch["id"])
+            bar.update(len(batch["id"]))
             actors.update(int(a) for a in batch["actor"])
             if steady_from is None and len(actors) == workers:
                 steady_from = (time.time(), rows_back)

@@ -4,12 +4,15 @@
     out = model(image (B,3,H,W), input_ids (B,L), attention_mask (B,L), return_attn=True)
     out["logits"]   # (B, 1, H, W) mask logits at input resolution
     out["attn"]     # (B, h, w) language->vision attention heat map in [0, 1] (h = ceil(H / level))
+    out["no_target_logit"]  # (B,) with model.no_target_head only: sigmoid > no_target_threshold = empty
 
 Data flow: BERT+BiLSTM -> words + sentence; ResNet+FPN (strides 4..32; with ``fusion.early`` every
 ResNet stage is FiLM-modulated by the sentence, LAVT's language-aware visual encoding) -> Fusion on
 the FPN level ``fusion.level`` (+ the coarser levels upsampled) -> Decoder (4 x 2x upsampling with
 sentence-gated FPN skips -- and, with ``decoder.stem_skip``, the stem's stride-2 map -- and a sentence
-FiLM per stage) -> logits.
+FiLM per stage) -> logits. With ``model.no_target_head`` a :class:`~refseg.models.heads.NoTargetHead` on
+the fused tokens and sentence adds one no-target logit per sample (gRefCOCO); without it the module
+tree, state_dict keys and outputs are the classic model's.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from refseg.config.presets import preset_config
 from refseg.config.validate import validate_model
 from refseg.models.decoder import Decoder
 from refseg.models.fusion import Fusion
+from refseg.models.heads import NoTargetHead
 from refseg.models.text import TextEncoder, build_bert
 from refseg.models.vision import VisionEncoder
 
@@ -33,19 +37,22 @@ SIZE_DIVISOR = 32  # inputs are zero-padded (bottom/right) to a multiple of this
 
 
 class RefSegModel(nn.Module):
-    """Vision encoder + text encoder + fusion + decoder (explicit modules; see :func:`build_model`)."""
+    """Vision encoder + text encoder + fusion + decoder (+ the optional no-target head; explicit modules,
+    see :func:`build_model`)."""
 
     def __init__(self, vision: VisionEncoder, text: TextEncoder, fusion: Fusion, decoder: Decoder, level: int,
-                 config: ModelConfig | None = None) -> None:
+                 config: ModelConfig | None = None, no_target: NoTargetHead | None = None) -> None:
         super().__init__()
         self.vision, self.text, self.fusion, self.decoder = vision, text, fusion, decoder
+        self.no_target = no_target  # None: no submodule, so classic state_dict keys stay as they were
         self.level = level
         self.config = config
 
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 return_attn: bool = False) -> dict[str, torch.Tensor]:
         """image (B,3,H,W) float, input_ids (B,L) long, attention_mask (B,L) {0,1} right-padded
-        -> {"logits": (B,1,H,W)} (+ "attn": (B, ceil(H/level), ceil(W/level)) in [0,1])."""
+        -> {"logits": (B,1,H,W)} (+ "attn": (B, ceil(H/level), ceil(W/level)) in [0,1])
+        (+ "no_target_logit": (B,) with the no-target head)."""
         H, W = image.shape[-2:]
         ph, pw = (-H) % SIZE_DIVISOR, (-W) % SIZE_DIVISOR
         if ph or pw:
@@ -59,6 +66,8 @@ class RefSegModel(nn.Module):
         if logits.shape[-2:] != image.shape[-2:]:
             logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
         out = {"logits": logits[..., :H, :W]}
+        if self.no_target is not None:
+            out["no_target_logit"] = self.no_target(fused, sent)  # (B,)
         if return_attn:
             if attn is None:
                 raise ValueError("return_attn=True needs fusion.num_layers >= 1.")
@@ -109,7 +118,8 @@ def build_model(cfg: str | ModelConfig, pretrained: bool = True) -> RefSegModel:
     vision = _build_vision(cfg, pretrained)  # vision, text, fusion, decoder: the order seeded inits depend on
     text = TextEncoder(build_bert(t.encoder, t.bert_config, pretrained), t.lstm_hidden, t.dim, t.freeze_encoder)
     fusion, decoder = _build_fusion_decoder(cfg, vision)
-    return RefSegModel(vision, text, fusion, decoder, cfg.fusion.level, config=cfg)
+    no_target = NoTargetHead(cfg.dim) if cfg.no_target_head else None  # built last: classic inits unchanged
+    return RefSegModel(vision, text, fusion, decoder, cfg.fusion.level, config=cfg, no_target=no_target)
 
 
 def _build_vision(cfg: ModelConfig, pretrained: bool) -> VisionEncoder:

@@ -13,7 +13,7 @@ from typing import Any
 
 from refseg.config import Config, ConfigError, deep_copy, fix_floats
 from refseg.config.validate import validate_sweep
-from refseg.runtime import init_ray
+from refseg.runtime import init_ray, verbose
 from refseg.sweep.outputs import SWEEP_FILE, SweepState, write_sweep_outputs
 from refseg.sweep.space import (
     TRIAL_CPUS,
@@ -26,9 +26,11 @@ from refseg.sweep.space import (
     tune_domains,
 )
 from refseg.sweep.trial import graceful_asha, train_trial, trial_dirname
+from refseg.train.tracking import check_trackers
 
 log = logging.getLogger("refseg.tune")
 
+SWEEP_EXPERIMENT = "refseg-sweep"
 PATH_KEYS = ("data.root", "data.image_dir", "data.parquet", "data.manifest", "train.storage_path",
              "deepspeed.config_file", "model.text.encoder", "model.text.tokenizer", "model.vision.weights")
 
@@ -75,9 +77,35 @@ def make_tuner(trainable: Any, space: dict, cfg: Config, state: SweepState) -> A
             search_alg=search, max_concurrent_trials=limit, reuse_actors=False,
             trial_dirname_creator=trial_dirname,
         ),
-        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1 if verbose() else 0,
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  callbacks=tracking_callbacks(cfg, state.output_dir)),
     )
+
+
+def tracking_callbacks(cfg: Config, sweep_dir: str) -> list:
+    """Ray Tune's logger callbacks for ``train.tracking``, comparing the trials in one place: for mlflow the
+    experiment ``refseg-sweep`` (one run per trial: its sampled parameters, each validated epoch it
+    reported) in ``train.tracking_uri`` or ``DIR/mlflow``; for wandb one group named after DIR. Each
+    trial's Train run also logs itself like ``refseg train`` does (per step, per epoch, curves, model)
+    into ``DIR/trials/<id>/``: ``tensorboard --logdir DIR/trials`` shows every trial."""
+    callbacks = []
+    if "mlflow" in cfg.train.tracking:
+        from mlflow import MlflowClient
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        from refseg.train.tracking import mlflow_experiment, mlflow_location, quiet_tracker_logs
+
+        quiet_tracker_logs()
+        uri, artifacts = mlflow_location(cfg, sweep_dir)
+        mlflow_experiment(MlflowClient(tracking_uri=uri), SWEEP_EXPERIMENT, artifacts)  # artifacts under DIR
+        callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=SWEEP_EXPERIMENT,
+                                              tags={"refseg.sweep": sweep_dir}))
+    if "wandb" in cfg.train.tracking:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        callbacks.append(WandbLoggerCallback(project="refseg", group=Path(sweep_dir).name))
+    return callbacks
 
 
 def _trainable(state: SweepState) -> Any:
@@ -117,6 +145,7 @@ def run_sweep(base: dict, space_data: Any, output_dir: str | Path, *, num_sample
     if num_samples < 1:
         raise ConfigError(f"--num-samples / tune.num_samples must be at least 1, got {num_samples}")
     validate_sweep(cfg)
+    check_trackers(cfg.train.tracking)
     cluster = _start(cfg, address)
     need = per_trial_resources(base, space)
     concurrent = max_concurrent_trials(need, cluster,

@@ -4,7 +4,7 @@ A checkpoint dir holds DeepSpeed's files under ``ckpt/`` (every rank's ZeRO shar
 ``config.yaml`` and ``refseg_state.json`` (:class:`RunState`, also kept in DeepSpeed's client state).
 
     save_checkpoint(engine, directory, cfg, state, rank)     # every rank
-    state = load_checkpoint(engine, directory)
+    state = load_checkpoint(engine, directory)                # any world size: refseg.train.reshard
     export_checkpoint(directory, out / "model.pt")            # offline: no Ray, any ZeRO stage
 """
 
@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 from refseg.config import Config, ConfigError, config_from_dict, load_yaml
+from refseg.config.schema import GENERALIZED_DATASETS
 from refseg.io import read_bytes, resolve_path
 
 CKPT_TAG = "ckpt"
 STATE_FILE = "refseg_state.json"
 LOCAL_CHECKPOINTS = "checkpoints"  # Ray Train local mode: <output_dir>/checkpoints/epoch_NNNN[.step_S]
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints, in its storage
-NOT_VALIDATED = -1.0  # the val_oiou reported with a stopped run's checkpoint: ranks it below every validated one
+NOT_VALIDATED = -1.0  # the score reported with a stopped run's checkpoint: ranks it below every validated one
 
 
 @dataclasses.dataclass
@@ -34,7 +36,9 @@ class RunState:
     the epoch count fitted to the budget. ``partial`` exists when the run stopped inside epoch
     ``epoch + 1`` (:func:`refseg.train.epoch.train_epoch`): its optimizer ``steps`` so far, the sums over
     every rank (``loss_sum`` of ``losses`` micro-batch losses, ``samples``, ``time_s`` seconds) and the
-    ref ids it trained (``seen``), so that a resume finishes the epoch with the rest of its samples."""
+    ref ids it trained (``seen``), so that a resume finishes the epoch with the rest of its samples.
+    ``world``: the worker count that saved it; ``resizes``: one :func:`resize_record` per restore at
+    another worker count (elastic training)."""
 
     epoch: int = 0  # epochs finished
     global_step: int = 0  # optimizer steps taken
@@ -44,6 +48,8 @@ class RunState:
     budget_used_s: float | None = None
     epochs: int | None = None
     partial: dict | None = None
+    world: int | None = None
+    resizes: list[dict] | None = None
 
     def to_dict(self) -> dict:
         """The JSON form; the fields that are None are left out (a run without a budget has none)."""
@@ -54,8 +60,16 @@ class RunState:
         return cls(**data)
 
 
+def score_key(cfg: Config) -> str:
+    """The validation metric that ranks a run's checkpoints (the best one becomes model.pt): ``val_ciou`` on
+    generalized data (``data.dataset`` in GENERALIZED_DATASETS), else ``val_oiou``."""
+    return "val_ciou" if cfg.data.dataset in GENERALIZED_DATASETS else "val_oiou"
+
+
 def save_checkpoint(engine, directory: Path, cfg: Config, state: RunState, rank: int) -> None:
-    """Every rank writes its ZeRO shard; rank 0 adds the resolved config and the run state."""
+    """Every rank writes its ZeRO shard; rank 0 adds the resolved config and the run state (with the
+    worker count, ``state.world``)."""
+    state.world = engine.dp_world_size
     engine.save_checkpoint(str(directory), tag=CKPT_TAG, client_state={"refseg": state.to_dict()})
     if rank == 0:
         (directory / "config.yaml").write_text(cfg.to_yaml())
@@ -63,11 +77,31 @@ def save_checkpoint(engine, directory: Path, cfg: Config, state: RunState, rank:
 
 
 def load_checkpoint(engine, directory: Path) -> RunState:
-    """Restore model, optimizer, LR schedule and the refseg run state from a checkpoint dir."""
-    _, client = engine.load_checkpoint(str(directory), tag=CKPT_TAG)
-    if client and "refseg" in client:
-        return RunState.from_dict(dict(client["refseg"]))
-    return read_state(directory)
+    """Restore model, optimizer, LR schedule and the refseg run state from a checkpoint dir. A checkpoint
+    saved at another worker count is resharded (:func:`refseg.train.reshard.load_resharded`) and the
+    resize joins ``RunState.resizes``."""
+    from refseg.train.reshard import load_resharded, saved_world
+
+    saved, world = saved_world(directory, CKPT_TAG), engine.dp_world_size
+    if saved in (None, world):
+        _, client = engine.load_checkpoint(str(directory), tag=CKPT_TAG)
+    else:
+        client = load_resharded(engine, directory, CKPT_TAG)
+    state = RunState.from_dict(dict(client["refseg"])) if client and "refseg" in client else read_state(directory)
+    saved = state.world or saved
+    if saved is not None and saved != world:
+        state.resizes = [*(state.resizes or []), resize_record(state, saved, world)]
+    return state
+
+
+def resize_record(state: RunState, before: int, after: int) -> dict:
+    """One entry of ``RunState.resizes``: when (UTC), from / to how many workers, why, and the checkpoint
+    (epochs done, global step) the new worker group went on from. Ray Train shrinks an elastic group
+    only when a worker was lost and grows it when the cluster has room again."""
+    why = ("a worker was lost (its node failed or was preempted): going on with the workers left" if after < before
+           else "the cluster has room for more workers again (a node joined)")
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "from": before, "to": after, "why": why,
+            "epoch": state.epoch, "step": state.global_step}
 
 
 def read_state(directory: Path) -> RunState:

@@ -17,13 +17,15 @@ from pathlib import Path
 
 from refseg import runtime
 from refseg.config import Config, ConfigError
+from refseg.config.schema import GENERALIZED_DATASETS
 from refseg.config.validate import validate
 from refseg.data.sources.refer import check_data_root
 from refseg.io import check_output_dir, write_text_atomic
 from refseg.runtime import init_ray, local_env
-from refseg.train.checkpoint import check_resume, local_checkpoints
+from refseg.train.checkpoint import check_resume, local_checkpoints, score_key
 from refseg.train.outputs import write_outputs
 from refseg.train.stop import StopRequest, TrainingStopped
+from refseg.train.tracking import check_trackers
 
 
 def absolutize(cfg: Config) -> Config:
@@ -38,6 +40,7 @@ def absolutize(cfg: Config) -> Config:
     d.root, d.image_dir, d.parquet, d.manifest = fix(d.root), fix(d.image_dir), fix(d.parquet), fix(d.manifest)
     cfg.train.storage_path = fix(cfg.train.storage_path)
     cfg.deepspeed.config_file = fix(cfg.deepspeed.config_file)
+    cfg.train.init_from = fix(cfg.train.init_from)
     t = cfg.model.text
     if t.bert_config is None and Path(t.encoder).expanduser().exists():
         t.encoder = fix(t.encoder)
@@ -56,19 +59,21 @@ def check_resources(cfg: Config, local: bool) -> None:
     if local:
         return
     total = ray.cluster_resources().get("CPU", 0.0)
-    need = cfg.train.num_workers * cfg.train.cpus_per_worker
+    workers = cfg.train.worker_range()[0]  # elastic: the run starts with what the cluster holds, at least min
+    need = workers * cfg.train.cpus_per_worker
     if need + cfg.data.map_cpus > total + 1e-9:
         raise ConfigError(
-            f"train.num_workers={cfg.train.num_workers} x train.cpus_per_worker={cfg.train.cpus_per_worker} "
+            f"{workers} worker(s) of train.num_workers={cfg.train.num_workers} x train.cpus_per_worker="
+            f"{cfg.train.cpus_per_worker} "
             f"plus data.map_cpus={cfg.data.map_cpus} needs {need + cfg.data.map_cpus:g} CPUs but the cluster "
             f"has {total:g}: the data pipeline would starve and the run would hang; lower "
             "train.cpus_per_worker or train.num_workers, or add nodes"
         )
     if cfg.train.use_gpu:
         gpus = ray.cluster_resources().get("GPU", 0.0)
-        if cfg.train.num_workers * cfg.train.gpus_per_worker > gpus + 1e-9:
+        if workers * cfg.train.gpus_per_worker > gpus + 1e-9:
             raise ConfigError(
-                f"train.use_gpu=true with {cfg.train.num_workers} workers x {cfg.train.gpus_per_worker} GPU "
+                f"train.use_gpu=true with {workers} workers x {cfg.train.gpus_per_worker} GPU "
                 f"but the cluster has {gpus:g} GPUs; lower train.num_workers or set train.use_gpu=false"
             )
 
@@ -113,6 +118,8 @@ def build_datasets(cfg: Config, world: int) -> tuple[dict, int]:
 
 
 def steps_per_epoch(train_rows: int, cfg: Config, world: int) -> int:
+    """Optimizer steps per epoch at ``world`` workers: the same at any size of an elastic run, whose
+    global batch stays ``batch_size x max workers x grad_accum`` (refseg.train.engine.accumulation)."""
     per_rank = train_rows // world  # streaming_split(equal=True) gives every rank the same rows
     steps = per_rank // (cfg.train.batch_size * cfg.train.grad_accum)
     if cfg.train.max_steps_per_epoch:
@@ -131,6 +138,7 @@ def check_config(cfg: Config) -> None:
     its values (:func:`refseg.config.validate.validate`), then what needs torch or the hub."""
     validate(cfg)
     check_model(cfg)
+    check_trackers(cfg.train.tracking)  # their packages installed
 
 
 def prepare_environment(cfg: Config) -> None:
@@ -140,9 +148,10 @@ def prepare_environment(cfg: Config) -> None:
     if not cfg.train.use_gpu and "DS_ACCELERATOR" not in os.environ:
         os.environ["DS_ACCELERATOR"] = "cpu"
     if cfg.data.synthetic and cfg.data.source == "refer":
-        from refseg.data import ensure_synthetic
+        from refseg.data import ensure_generalized_synthetic, ensure_synthetic
 
-        ensure_synthetic(cfg.data.root, cfg.data.synthetic_images, cfg.data.synthetic_seed)
+        make = ensure_generalized_synthetic if cfg.data.dataset in GENERALIZED_DATASETS else ensure_synthetic
+        make(cfg.data.root, cfg.data.synthetic_images, cfg.data.synthetic_seed)
 
 
 @dataclasses.dataclass
@@ -209,14 +218,18 @@ def make_trainer(
     ``callbacks``: Ray Train ``UserCallback``s for the RunConfig (a Tune trial passes TuneReportCallback);
     ``stop``: the name of the :class:`refseg.train.stop.StopRequest` the workers watch."""
     import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from refseg.train.init import check_init
     from refseg.train.loop import LoopConfig, train_loop_per_worker
 
     t0 = time.time()
     check_config(cfg)  # fail before any Ray work or file
     cfg = absolutize(cfg)
+    mismatch = None if resume else check_init(cfg)  # train.init_from: readable, and fits unless non-strict
+    if mismatch:
+        print(f"[refseg] {mismatch}", flush=True)
     check_output_dir(output_dir, "--output-dir")
     if cfg.data.source == "refer" and not cfg.data.synthetic:
         check_data_root(cfg.data.root, cfg.data.dataset, cfg.data.split_by, cfg.data.image_dir)
@@ -224,7 +237,7 @@ def make_trainer(
     out.mkdir(parents=True, exist_ok=True)
     run = open_run(cfg, out, resume)
     write_text_atomic(out / "config.yaml", cfg.to_yaml())
-    world = 1 if local else cfg.train.num_workers
+    world = 1 if local else cfg.train.worker_range()[1]  # elastic: val shards and steps as at the most
     prepare_environment(cfg)
     init_ray(address)
     check_resources(cfg, local)
@@ -232,7 +245,7 @@ def make_trainer(
     datasets, train_rows = build_datasets(cfg, world)
     spe = steps_per_epoch(train_rows, cfg, world)
     loop = LoopConfig(config=cfg.to_dict(), output_dir=str(out), steps_per_epoch=spe, t0=t0, local=local,
-                      stop=stop)
+                      stop=stop, val_shards=world)
     if local:
         local_env()
         ckpts = local_checkpoints(out) if resume else []
@@ -247,17 +260,14 @@ def make_trainer(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=dataclasses.asdict(loop),
-        scaling_config=ScalingConfig(
-            num_workers=0 if local else cfg.train.num_workers, use_gpu=cuda,
-            resources_per_worker=None if local else resources,
-        ),
+        scaling_config=scaling_config(cfg, local, resources),
         run_config=RunConfig(
             name=run["name"],
             storage_path=run["storage_path"],
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=max(1, cfg.train.keep_checkpoints),
-                checkpoint_score_attribute="val_oiou" if cfg.train.val_every else None,
+                checkpoint_score_attribute=score_key(cfg) if cfg.train.val_every else None,
                 checkpoint_score_order="max",
             ),
             callbacks=callbacks,
@@ -268,6 +278,21 @@ def make_trainer(
         torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
     )
     return trainer, PreparedRun(cfg, out, local, spe, t0)
+
+
+def scaling_config(cfg: Config, local: bool, resources: dict):
+    """Ray Train's ScalingConfig: local mode (0 workers), a fixed count, or elastic between
+    ``train.num_workers``' [min, max] (Ray Train then restarts the group from the latest checkpoint at
+    the size the cluster holds, checking every ``train.elastic_resize_monitor_interval_s`` for room to
+    grow; refseg.train.reshard restores the ZeRO state at the new size)."""
+    from ray.train import ScalingConfig
+
+    if local:
+        return ScalingConfig(num_workers=0, use_gpu=cfg.train.use_gpu)
+    low, high = cfg.train.worker_range()
+    return ScalingConfig(num_workers=(low, high) if low < high else high, use_gpu=cfg.train.use_gpu,
+                         resources_per_worker=resources,
+                         elastic_resize_monitor_interval_s=cfg.train.elastic_resize_monitor_interval_s)
 
 
 def finish_training(result, run: PreparedRun, stopped_by: int = 0) -> dict:

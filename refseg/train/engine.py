@@ -84,6 +84,22 @@ def build_deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, cuda: bool) 
     return _deep_merge(config, ds.extra)
 
 
+def accumulation(train: TrainConfig, world: int) -> tuple[int, str | None]:
+    """The gradient accumulation at ``world`` workers that keeps the global batch ``batch_size x max
+    workers x grad_accum`` (``train.num_workers`` [min, max] = elastic: fewer workers accumulate more, so
+    the LR schedule and the results do not depend on how many were alive). Returns it with a sentence
+    saying what was chosen when the global batch cannot be kept exactly (else None)."""
+    target = train.worker_range()[1] * train.grad_accum  # micro-batches per optimizer step, all workers
+    if target % world == 0:
+        return target // world, None
+    accum = max(1, round(target / world))
+    return accum, (
+        f"the global batch of {target * train.batch_size} (train.batch_size={train.batch_size} x "
+        f"{target} micro-batches) does not split over {world} workers: accumulating {accum} micro-batches, a "
+        f"global batch of {accum * world * train.batch_size}, the nearest that keeps train.batch_size (which "
+        "sizes each worker's memory)")
+
+
 class PolySchedule:
     """Linear warmup then polynomial decay (LAVT: power 0.9 per iteration), as an LR multiplier.
 
@@ -127,19 +143,23 @@ def engine_dtype(cfg: Config) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
 
 
-def setup_engine(cfg: Config, total_steps: int, device: torch.device):
+def setup_engine(cfg: Config, total_steps: int, device: torch.device, init: Any = None, fused_adamw: bool = True):
     """Build the model, AdamW (two LR groups), warmup+poly schedule and the DeepSpeed engine.
 
-    Returns ``(engine, LambdaLR scheduler)``; ``total_steps`` optimizer steps end the schedule."""
+    ``init(model)``, when given, runs on the built model before DeepSpeed copies its weights (a fresh
+    run's ``train.init_from``). ``fused_adamw``: PyTorch's fused AdamW kernel (CUDA and CPU; False: the
+    per-tensor loop, as CPU runs had before issue 26). Returns ``(engine, LambdaLR scheduler)``;
+    ``total_steps`` optimizer steps end the schedule."""
     import deepspeed
 
     from refseg.models import build_model
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, pretrained=True)
+    if init is not None:
+        init(model)
     groups = model.param_groups(cfg.train.lr, cfg.train.encoder_lr_mult, cfg.train.weight_decay)
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999), fused=fused)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999), fused=fused_adamw)
     warmup = cfg.train.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, warmup, cfg.train.poly_power)
@@ -152,7 +172,7 @@ def setup_engine(cfg: Config, total_steps: int, device: torch.device):
         model = model.to(torch.bfloat16)
     # No channels_last weights: DeepSpeed broadcasts each parameter as a byte view (fails on a
     # non-unit last stride) and ZeRO re-points parameters into flat contiguous buffers anyway.
-    # The input batch is channels_last on CUDA instead (to_inputs).
+    # The input batch is channels_last instead (to_inputs).
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
@@ -162,10 +182,12 @@ def setup_engine(cfg: Config, total_steps: int, device: torch.device):
 
 
 def to_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """Ray Data numpy/torch batch -> (image (B,3,S,S), ids (B,L), attn (B,L), mask (B,S,S))."""
+    """Ray Data numpy/torch batch -> (image (B,3,S,S) channels_last, ids (B,L), attn (B,L), mask (B,S,S)).
+
+    channels_last images keep the convolutions' activations NHWC: cuDNN's bf16 kernels and oneDNN's
+    CPU kernels run faster on them (bench/gpu.py, bench/cpu_step.py); the values are the same."""
     image = torch.as_tensor(batch["image"]).to(device, dtype=dtype, non_blocking=True)
-    if device.type == "cuda":  # NHWC activations for cuDNN's bf16 convolutions (bench/gpu.py measures it)
-        image = image.contiguous(memory_format=torch.channels_last)
+    image = image.contiguous(memory_format=torch.channels_last)
     ids = torch.as_tensor(batch["input_ids"]).to(device, dtype=torch.long, non_blocking=True)
     attn = torch.as_tensor(batch["attention_mask"]).to(device, dtype=torch.long, non_blocking=True)
     mask = torch.as_tensor(batch["mask"]).to(device, dtype=torch.float32, non_blocking=True)

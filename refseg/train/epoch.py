@@ -1,7 +1,8 @@
 """One epoch on a DeepSpeed engine: train over this rank's batches, validate this rank's val share.
 
     stats = train_epoch(engine, batches, cfg, state, ctx, stop)   # {"loss", "samples", ...}; None: stopped
-    metrics = validate(engine, val_batches, ctx)             # {"val_oiou", "val_miou", ...}, all ranks merged
+    metrics = validate(engine, val_batches, ctx, cfg)        # {"val_oiou", "val_miou", ...}, all ranks merged
+    # generalized data (data.dataset grefcoco): {"val_giou", "val_ciou", "val_n_acc", "val_t_acc", ...}
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from refseg.config import Config, TrainConfig
-from refseg.losses import refseg_loss
-from refseg.metrics import SegMetrics
+from refseg.config import Config, ModelConfig, TrainConfig
+from refseg.config.schema import GENERALIZED_DATASETS
+from refseg.losses import generalized_loss, refseg_loss
+from refseg.metrics import GresMetrics, SegMetrics
 from refseg.train.checkpoint import RunState
 from refseg.train.engine import all_gather_objects, all_reduce_sum, to_inputs
 
@@ -55,13 +57,15 @@ def epoch_actions(epoch: int, train: TrainConfig) -> tuple[bool, bool]:
 
 
 def train_epoch(engine, batches: Iterable[dict], cfg: Config, state: RunState, ctx: WorkerContext,
-                stop: Callable[[], bool]) -> dict | None:
+                stop: Callable[[], bool], on_step: Callable[[int, dict], None] | None = None) -> dict | None:
     """One epoch over this worker's batches (counting ``state.global_step``), or the rest of the epoch
     ``state.partial`` holds; returns the whole epoch's mean loss and throughput over every rank.
 
     Before each optimizer step the ranks agree (one all-reduce) whether any was asked to ``stop`` or has
     run out of batches: all then end after the same step (the ZeRO collectives need every rank). After a
-    stop it returns None with ``state.partial`` holding the epoch so far (unchanged without a new step)."""
+    stop it returns None with ``state.partial`` holding the epoch so far (unchanged without a new step).
+    On rank 0, every ``train.log_every`` steps: the progress line and ``on_step(global_step, {"loss",
+    "samples_per_s", "lr"})``."""
     engine.train()
     part = state.partial or {}
     first = done = part.get("steps", 0)
@@ -76,7 +80,7 @@ def train_epoch(engine, batches: Iterable[dict], cfg: Config, state: RunState, c
         for batch in group:
             image, ids, attn, mask = to_inputs(batch, ctx.device, ctx.dtype)
             out = engine(image, ids, attn)
-            loss = refseg_loss(out["logits"], mask, cfg.model.loss.bce_weight, cfg.model.loss.dice_weight)
+            loss = batch_loss(out, mask, batch, cfg.model)
             engine.backward(loss)
             engine.step()
             samples += image.shape[0]
@@ -85,7 +89,9 @@ def train_epoch(engine, batches: Iterable[dict], cfg: Config, state: RunState, c
         done += 1
         state.global_step += 1
         if ctx.rank == 0 and state.global_step % max(1, cfg.train.log_every) == 0:
-            _progress(cfg, state, ctx, done, done - first, losses, samples, time.perf_counter() - t0)
+            figures = _progress(cfg, state, ctx, done, done - first, losses, samples, time.perf_counter() - t0)
+            if on_step is not None:  # rank 0's trackers (refseg.train.outputs.RunLog.step)
+                on_step(state.global_step, {**figures, "lr": max(engine.get_lr())})
     elapsed = time.perf_counter() - t0
     total = all_reduce_sum(torch.tensor([sum(losses), len(losses), samples], dtype=torch.float64))
     sums = {"loss_sum": part.get("loss_sum", 0.0) + float(total[0]), "losses": part.get("losses", 0) + int(total[1]),
@@ -101,7 +107,27 @@ def train_epoch(engine, batches: Iterable[dict], cfg: Config, state: RunState, c
         "samples": sums["samples"],
         "samples_per_s": sums["samples"] / max(sums["time_s"], 1e-9),
         "epoch_time_s": sums["time_s"],
+        "workers": ctx.world,  # this epoch's worker count (elastic training resizes between epochs' checkpoints)
     }
+
+
+def batch_loss(out: dict, mask: torch.Tensor, batch: dict, model: ModelConfig) -> torch.Tensor:
+    """The training loss of one batch: :func:`refseg_loss` on the mask logits, or with the no-target
+    head :func:`generalized_loss` against the batch's ``no_target`` column (B,) {0,1}."""
+    w = model.loss
+    if "no_target_logit" not in out:
+        return refseg_loss(out["logits"], mask, w.bce_weight, w.dice_weight)
+    label = torch.as_tensor(np.asarray(batch["no_target"]), dtype=torch.float32, device=mask.device)
+    return generalized_loss(out["logits"], mask, out["no_target_logit"], label, w.bce_weight, w.dice_weight,
+                            w.no_target_weight)
+
+
+def predicted_no_target(out: dict, masks: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B,) bool: the samples the model calls empty -- sigmoid(no-target logit) > ``threshold``, or for a
+    model without the head, an empty predicted mask. ``masks``: (B, H, W) bool predictions."""
+    if "no_target_logit" in out:
+        return torch.sigmoid(out["no_target_logit"].float()) > threshold
+    return ~masks.flatten(1).any(1)
 
 
 def unseen_batches(batches: Iterable[dict], seen: Collection[int], batch_size: int, spare: int) -> Iterator[dict]:
@@ -136,8 +162,11 @@ def _join(a: dict | None, b: dict) -> dict:
 
 
 @torch.no_grad()
-def validate(engine, batches: Iterable[dict], ctx: WorkerContext) -> dict:
-    """Score this worker's share of the val split; merge exact per-sample states across workers."""
+def validate(engine, batches: Iterable[dict], ctx: WorkerContext, cfg: Config | None = None) -> dict:
+    """Score this worker's share of the val split; merge exact per-sample states across workers.
+    Generalized data (``cfg.data.dataset`` in GENERALIZED_DATASETS) is scored by :func:`validate_gres`."""
+    if cfg is not None and cfg.data.dataset in GENERALIZED_DATASETS:
+        return validate_gres(engine, batches, ctx, cfg.model.no_target_threshold)
     engine.eval()
     metrics = SegMetrics()
     for batch in batches:
@@ -160,15 +189,42 @@ def validate(engine, batches: Iterable[dict], ctx: WorkerContext) -> dict:
     return out
 
 
+@torch.no_grad()
+def validate_gres(engine, batches: Iterable[dict], ctx: WorkerContext, threshold: float) -> dict:
+    """GRES validation (:class:`refseg.metrics.GresMetrics`) of this worker's share, merged across workers:
+    a sample predicted no-target (:func:`predicted_no_target` at ``threshold``) has an empty mask.
+    -> ``val_giou, val_ciou, val_n_acc, val_t_acc, val_samples, val_prec_70 .. val_prec_90``."""
+    engine.eval()
+    metrics = GresMetrics()
+    for batch in batches:
+        image, ids, attn, mask = to_inputs(batch, ctx.device, ctx.dtype)
+        out = engine(image, ids, attn)
+        pred = out["logits"][:, 0] > 0  # (B, H, W)
+        empty = predicted_no_target(out, pred, threshold)  # (B,)
+        pred &= ~empty[:, None, None]
+        metrics.update(pred.cpu().numpy(), (mask > 0.5).cpu().numpy(), np.asarray(batch["no_target"]) > 0.5,
+                       empty.cpu().numpy())
+    merged = GresMetrics()
+    for part in all_gather_objects(metrics.state()):
+        merged.merge(GresMetrics.from_state(part))
+    result = merged.compute()
+    out = {f"val_{k}": result[k] for k in ("giou", "ciou", "n_acc", "t_acc")}
+    out["val_samples"] = result["num_samples"]
+    for t, v in result["precision_at"].items():
+        out[f"val_prec_{round(float(t) * 100)}"] = v
+    return out
+
+
 def brief(metrics: dict) -> str:
     """'loss 0.41 val_miou 0.8 ...': the epoch's figures, rounded, without the bookkeeping ones."""
-    skip = {"epoch", "samples", "val_median_iou", "val_dice", "elapsed_s"}
+    skip = {"epoch", "samples", "val_median_iou", "val_dice", "elapsed_s", "workers"}
     return " ".join(f"{k} {float(v):.4g}" for k, v in metrics.items() if k not in skip)
 
 
 def _progress(cfg: Config, state: RunState, ctx: WorkerContext, step_in_epoch: int, steps: int, losses: list,
-              samples: int, dt: float) -> None:
-    """The progress line after ``step_in_epoch`` of the epoch, ``steps`` of them (``samples``) in ``dt`` s."""
+              samples: int, dt: float) -> dict:
+    """The progress line after ``step_in_epoch`` of the epoch, ``steps`` of them (``samples``) in ``dt`` s;
+    returns its figures: ``{"loss": mean of the recent micro-batches, "samples_per_s": over every rank}``."""
     rate = samples * ctx.world / max(dt, 1e-9)
     eta = (ctx.steps_per_epoch - step_in_epoch) * dt / max(steps, 1)
     recent = losses[-cfg.train.log_every * cfg.train.grad_accum :]
@@ -176,3 +232,4 @@ def _progress(cfg: Config, state: RunState, ctx: WorkerContext, step_in_epoch: i
         f"epoch {state.epoch + 1}/{cfg.train.epochs} step {step_in_epoch}/{ctx.steps_per_epoch} "
         f"loss {np.mean(recent):.4f} {rate:.1f} samples/s ETA {eta:.0f}s"
     )
+    return {"loss": float(np.mean(recent)), "samples_per_s": rate}

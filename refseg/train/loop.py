@@ -24,9 +24,11 @@ import torch
 from refseg.config import Config, config_from_dict
 from refseg.data.cache import KeptBatches
 from refseg.train.budget import TimeBudget, set_schedule_total, with_epochs
-from refseg.train.checkpoint import NOT_VALIDATED, RunState, load_checkpoint, save_and_report
-from refseg.train.engine import all_reduce_min, engine_dtype, pick_device, setup_engine
+from refseg.train.checkpoint import NOT_VALIDATED, RunState, load_checkpoint, save_and_report, score_key
+from refseg.train.engine import accumulation, all_reduce_min, engine_dtype, pick_device, setup_engine
 from refseg.train.epoch import WorkerContext, brief, epoch_actions, say, train_epoch, unseen_batches, validate
+from refseg.train.init import init_weights
+from refseg.train.outputs import open_run_log
 from refseg.train.stop import StopWatch
 
 VAL_KEEP_BYTES = 2**29  # decoded val batches a worker keeps in memory to replay (larger val shards stream)
@@ -44,6 +46,7 @@ class LoopConfig:
     local: bool = False  # Ray Train local mode: the loop runs in the driver, checkpoints go to output_dir
     resume_from: str | None = None  # local mode --resume: the latest checkpoint dir
     stop: str | None = None  # the name of the driver's refseg.train.stop.StopRequest (None: no stopping)
+    val_shards: int = 1  # the val_<r> datasets: rank k of W workers scores val_k, val_k+W, ... (any W)
 
 
 def worker_context(cfg: Config, steps_per_epoch: int) -> WorkerContext:
@@ -104,9 +107,11 @@ def train_batches(shard, cfg: Config) -> Callable[[dict | None], Iterable[dict]]
     return epoch
 
 
-def val_batches(shard, cfg: Config) -> Iterable[dict]:
-    """This rank's val batches: decoded on the first validation and replayed after when they are small."""
-    return KeptBatches(lambda: shard.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy"),
+def val_batches(shards: list, cfg: Config) -> Iterable[dict]:
+    """This rank's val batches (from its ``shards``): decoded on the first validation and replayed after
+    when they are small."""
+    size = cfg.eval.batch_size
+    return KeptBatches(lambda: (b for s in shards for b in s.iter_batches(batch_size=size, batch_format="numpy")),
                        VAL_KEEP_BYTES)
 
 
@@ -136,7 +141,7 @@ def save_stopped(engine, cfg: Config, state: RunState, ctx: WorkerContext, run: 
         budget.record(state, time.time())
     metrics = {"epoch": state.epoch, "step": state.global_step, "epoch_steps": steps}
     if cfg.train.val_every:  # not validated: an impossible oIoU ranks it below every validated checkpoint
-        metrics["val_oiou"] = NOT_VALIDATED  # (without a score Ray logs an error; -inf becomes null in its JSON)
+        metrics[score_key(cfg)] = NOT_VALIDATED  # (without a score Ray logs an error; -inf becomes null in its JSON)
     save_and_report(engine, cfg, state, metrics, ctx.rank, run.output_dir, run.local)
 
 
@@ -150,7 +155,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # warning once per worker instead of per batch
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
     ctx = worker_context(cfg, run.steps_per_epoch)
-    engine, scheduler = setup_engine(cfg, run.steps_per_epoch * cfg.train.epochs, ctx.device)
+    accum, note = accumulation(cfg.train, ctx.world)  # elastic: the global batch stays, the accumulation adapts
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=accum))
+    if note and ctx.rank == 0:
+        say(note)
+    fresh = ray.train.get_checkpoint() is None and not run.resume_from  # a resume restores its own weights
+    init = functools.partial(init_weights, path=cfg.train.init_from, strict=cfg.train.init_strict) \
+        if fresh and cfg.train.init_from else None
+    engine, scheduler = setup_engine(cfg, run.steps_per_epoch * cfg.train.epochs, ctx.device, init)
     state = restore(engine, run)
     budget = None
     if cfg.train.time_budget_s:
@@ -160,22 +172,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
     set_schedule_total(scheduler, run.steps_per_epoch * cfg.train.epochs)  # a checkpoint's count or the config's
     if (state.epoch or state.partial) and ctx.rank == 0:
         inside = f", {state.partial['steps']} steps into epoch {state.epoch + 1}" if state.partial else ""
-        say(f"resumed at epoch {state.epoch} step {state.global_step}{inside}")
+        resized = f", ZeRO state resharded from {state.world} to {ctx.world} workers" \
+            if state.world not in (None, ctx.world) else ""
+        say(f"resumed at epoch {state.epoch} step {state.global_step}{inside}{resized}")
 
     watch = StopWatch(run.stop)
+    log = open_run_log(cfg, run.output_dir, ctx.rank, state.global_step)  # rank 0: epoch files and trackers
     next_epoch = train_batches(ray.train.get_dataset_shard("train"), cfg)
-    val = val_batches(ray.train.get_dataset_shard(f"val_{ctx.rank}"), cfg) if cfg.train.val_every else None
+    val = val_batches([ray.train.get_dataset_shard(f"val_{r}") for r in range(ctx.rank, run.val_shards, ctx.world)],
+                      cfg) if cfg.train.val_every else None
     saved_step = None if state == RunState() else state.global_step  # the global step of the latest checkpoint
     while state.epoch < cfg.train.epochs:
-        stats = train_epoch(engine, next_epoch(state.partial), cfg, state, ctx, watch.requested)
+        stats = train_epoch(engine, next_epoch(state.partial), cfg, state, ctx, watch.requested, log.step)
         if stats is None:  # the driver asked to stop
             save_stopped(engine, cfg, state, ctx, run, budget, saved=state.global_step == saved_step)
+            log.close()
             return
         metrics = {"epoch": state.epoch + 1, "step": state.global_step, "lr": max(scheduler.get_last_lr()), **stats}
         last = state.epoch + 1 == cfg.train.epochs
         validate_now, checkpoint = epoch_actions(state.epoch + 1, cfg.train)
         if val is not None and validate_now:
-            metrics.update(validate(engine, val, ctx))
+            metrics.update(validate(engine, val, ctx, cfg))
         metrics["elapsed_s"] = time.time() - run.t0  # wall seconds since the driver started this run (or resume)
         state.epoch += 1
         state.history.append(metrics)
@@ -185,8 +202,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 cfg = fit_budget(budget, cfg, state, scheduler, ctx)
         if ctx.rank == 0:
             say(f"epoch {state.epoch} done: {brief(metrics)}")
+        log.epoch(state.history)
         if checkpoint:
             save_and_report(engine, cfg, state, metrics, ctx.rank, run.output_dir, run.local)
             saved_step = state.global_step
         else:
             ray.train.report(metrics)
+    log.close()

@@ -10,6 +10,10 @@ dict or a list of polygons (flat ``[x1, y1, x2, y2, ...]`` in pixels). Relative 
 against the manifest's directory. Optional: ``ref_id`` (rows sharing it are one object with several
 expressions: training draws one of them per epoch), ``sent_id``, ``split``, ``height``, ``width``,
 ``ann_id``, ``image_id``, ``category_id``. In Parquet, a ``mask`` that is not a path is a JSON string.
+A row with ``"no_target": true`` (gRefCOCO: the text names nothing in the image) has no ``mask``;
+its record has ``no_target=True`` and the segmentation ``[]`` (an all-zero mask).
+
+    {"image": "img/4.jpg", "text": "the purple star", "no_target": true, "split": "val"}
 
     records = read_manifest("data/my_set/{split}.jsonl", split="train", report=report)
     write_manifest(records, "out/train.jsonl")
@@ -88,9 +92,12 @@ def _record(row: Any, base: str, split: str | None, check_files: bool) -> tuple[
         return None, BAD_ROW, str(row)
     if not isinstance(row, dict):
         return None, BAD_ROW, f"a {type(row).__name__}, not an object"
-    missing = [k for k in ("image", "text", "mask") if row.get(k) is None]
+    no_target = row.get("no_target") is True
+    missing = [k for k in ("image", "text") + (() if no_target else ("mask",)) if row.get(k) is None]
     if missing:
         return None, MISSING_FIELD, f"no {', '.join(missing)}"
+    if no_target and row.get("mask") is not None:
+        return None, BAD_ROW, "a no_target row has a mask"
     text = row["text"]
     if not isinstance(text, str) or not text.strip():
         return None, EMPTY_SENTENCE, "empty text"
@@ -100,7 +107,7 @@ def _record(row: Any, base: str, split: str | None, check_files: bool) -> tuple[
         if not split_matches(str(row["split"]), split):
             return None, "", ""  # another split: not a skip
     try:
-        seg, mask_path = _parse_mask(row["mask"], base)
+        seg, mask_path = ([], None) if no_target else _parse_mask(row["mask"], base)
         height, width = _opt_int(row, "height"), _opt_int(row, "width")
         if isinstance(seg, dict) and height is None:
             height, width = seg["size"]
@@ -117,10 +124,11 @@ def _record(row: Any, base: str, split: str | None, check_files: bool) -> tuple[
             "split": str(row.get("split") or split or ""),
             "segmentation": seg,
             "mask_path": mask_path,
+            **({"no_target": True} if no_target else {}),
         }
     except (ValueError, TypeError, KeyError) as e:
         return None, BAD_ROW, f"{type(e).__name__}: {e}"
-    if seg is not None:
+    if seg is not None and not no_target:
         problem = segmentation_problem(seg, height, width)
         if problem is not None:
             return None, problem, ""
@@ -200,11 +208,15 @@ def _relative(path: str, base: str) -> str:
 def manifest_rows(records: Iterable[dict], base: str) -> Iterator[dict]:
     """Manifest rows (JSON-ready dicts) for records; paths under ``base`` are made relative."""
     for r in records:
-        mask_path = r.get("mask_path")
-        mask = _relative(mask_path, base) if mask_path else r["segmentation"]
-        if isinstance(mask, dict) and isinstance(mask.get("counts"), bytes):
-            mask = {"size": mask["size"], "counts": mask["counts"].decode("ascii")}
-        row = {"image": _relative(str(r["image_path"]), base), "text": r["sentence"], "mask": mask}
+        row = {"image": _relative(str(r["image_path"]), base), "text": r["sentence"]}
+        if r.get("no_target"):
+            row["no_target"] = True
+        else:
+            mask_path = r.get("mask_path")
+            mask = _relative(mask_path, base) if mask_path else r["segmentation"]
+            if isinstance(mask, dict) and isinstance(mask.get("counts"), bytes):
+                mask = {"size": mask["size"], "counts": mask["counts"].decode("ascii")}
+            row["mask"] = mask
         for key in ("ref_id", "sent_id", "ann_id", "image_id", "category_id", "split", "height", "width"):
             if r.get(key) is not None:
                 row[key] = r[key]
@@ -223,10 +235,11 @@ def write_manifest(records: Iterable[dict], path: str | Path) -> str:
         import pyarrow.parquet as pq
 
         for row in rows:
-            if not isinstance(row["mask"], str):
+            if "mask" in row and not isinstance(row["mask"], str):
                 row["mask"] = json.dumps(row["mask"])
+        keys = list(dict.fromkeys(k for row in rows for k in row))  # rows may differ in their keys
         buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows), buf)
+        pq.write_table(pa.table({k: [row.get(k) for row in rows] for k in keys}), buf)
         data = buf.getvalue()
     else:
         data = "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8")

@@ -5,8 +5,9 @@
 
 Layout: ``<out>/<split>/part-00000.parquet``, one row per (ref, sentence) with :data:`SCHEMA`'s columns:
 ref_id, sent_id, ann_id, image_id, image_bytes (the original file's bytes), sentence, mask_rle (COCO
-RLE counts string) + mask_h, mask_w, split, category_id, height, width; plus ``sent_index`` (0 for a
-ref's first row) and, on every row, the ref's ``ref_sent_ids`` / ``ref_sentences``, so training reads
+RLE counts string) + mask_h, mask_w, split, category_id, height, width, no_target (gRefCOCO: the
+expression names nothing, its mask is all zero; shards written without the column read as False);
+plus ``sent_index`` (0 for a ref's first row) and, on every row, the ref's ``ref_sent_ids`` / ``ref_sentences``, so training reads
 only the first row of each ref and draws one of its sentences per epoch. A ref never straddles two
 files. Each file is written to a hidden temporary name and renamed into place; parts (and temporary
 files) left over from an earlier, larger or killed run are removed, so an interrupted ``prepare``
@@ -28,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -37,6 +39,7 @@ from refseg.data.skips import RefSegDataError, SkipReport, SkipSample
 from refseg.data.sources.manifest import load_mask_png, read_manifest
 from refseg.data.sources.refer import load_split
 from refseg.io import filesystem_and_path, is_uri, read_bytes
+from refseg.progress import Progress
 
 logger = logging.getLogger("refseg.data")
 
@@ -45,7 +48,7 @@ SCHEMA = pa.schema([
     ("image_bytes", pa.binary()), ("sentence", pa.string()), ("mask_rle", pa.string()),
     ("mask_h", pa.int64()), ("mask_w", pa.int64()), ("split", pa.string()), ("category_id", pa.int64()),
     ("height", pa.int64()), ("width", pa.int64()), ("sent_index", pa.int64()),
-    ("ref_sent_ids", pa.list_(pa.int64())), ("ref_sentences", pa.list_(pa.string())),
+    ("ref_sent_ids", pa.list_(pa.int64())), ("ref_sentences", pa.list_(pa.string())), ("no_target", pa.bool_()),
 ])
 SPLITS = {"unc": ["train", "val", "testA", "testB"], "umd": ["train", "val", "test"], "google": ["train", "val"]}
 
@@ -78,6 +81,8 @@ def _read_image(path: str) -> tuple[bytes | None, str | None, Any]:
 
 
 def _mask_rle(rec: dict, size: tuple[int, int]) -> dict:
+    if rec.get("no_target"):
+        return encode_rle(np.zeros(size, np.uint8))
     if rec.get("mask_path"):
         return encode_rle(load_mask_png(rec["mask_path"]))
     return encode_rle(decode_mask(rec["segmentation"], size[0], size[1]))
@@ -100,7 +105,7 @@ def _ref_rows(ref: list[dict], blob: tuple, split: str, report: SkipReport) -> l
             raise SkipSample(skips.INVALID_SEGMENTATION, f"ref {first['ref_id']}: {e}") from None
         if tuple(rle["size"]) != (h, w):
             raise SkipSample(skips.SIZE_MISMATCH, f"ref {first['ref_id']}: mask {rle['size']}, image {h}x{w}")
-        if rle["counts"] in ("", None) or _rle_empty(rle):
+        if not first.get("no_target") and (rle["counts"] in ("", None) or _rle_empty(rle)):
             raise SkipSample(skips.ZERO_AREA, f"ref {first['ref_id']}")
     except SkipSample as e:
         report.add(e.reason, e.detail, len(ref))
@@ -112,7 +117,7 @@ def _ref_rows(ref: list[dict], blob: tuple, split: str, report: SkipReport) -> l
         "image_id": _int(r.get("image_id"), -1), "image_bytes": data, "sentence": r["sentence"],
         "mask_rle": rle["counts"], "mask_h": h, "mask_w": w, "split": split,
         "category_id": _int(r.get("category_id"), -1), "height": h, "width": w,
-        "sent_index": k, "ref_sent_ids": sent_ids, "ref_sentences": texts,
+        "sent_index": k, "ref_sent_ids": sent_ids, "ref_sentences": texts, "no_target": bool(r.get("no_target", False)),
     } for k, r in enumerate(ref)]
 
 
@@ -160,11 +165,13 @@ def _write_split(refs: list[list[dict]], out: str, split: str, rows_per_shard: i
     fs, base = filesystem_and_path(_join(out, split))
     fs.create_dir(base, recursive=True)
     written, n_rows = set(), 0
-    with ThreadPoolExecutor(io_threads) as pool:
+    total = sum(len(ref) for ref in refs)
+    with ThreadPoolExecutor(io_threads) as pool, Progress(f"prepare {split}", total=total, unit="rows") as bar:
         for chunk in _chunks(refs, rows_per_shard):
             paths = list(OrderedDict.fromkeys(ref[0]["image_path"] for ref in chunk))
             blobs = dict(zip(paths, pool.map(_read_image, paths)))
             rows = [row for ref in chunk for row in _ref_rows(ref, blobs[ref[0]["image_path"]], split, report)]
+            bar.update(sum(len(ref) for ref in chunk))
             if not rows:
                 continue
             name = f"part-{len(written):05d}.parquet"

@@ -28,6 +28,7 @@ import pickle
 import shutil
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +99,7 @@ def _attributes(rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
     return [(str(rng.choice(pool_c)), str(rng.choice(pool_s))) for _ in range(n)]
 
 
-def _scene(rng: np.random.Generator, min_size: int, max_size: int) -> dict:
+def make_scene(rng: np.random.Generator, min_size: int, max_size: int) -> dict:
     """One image's scene: size, objects (with polygons and RLEs) and its refs' descriptions."""
     while True:
         w, h = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
@@ -119,7 +120,7 @@ def _scene(rng: np.random.Generator, min_size: int, max_size: int) -> dict:
             return {"w": w, "h": h, "objs": objs, "anns": anns, "descs": descs}
 
 
-def _render(scene: dict, rng: np.random.Generator) -> np.ndarray:
+def render_scene(scene: dict, rng: np.random.Generator) -> np.ndarray:
     """(H, W, 3) uint8: a light, slightly tinted gradient background with the shapes painted in."""
     h, w = scene["h"], scene["w"]
     base = (rng.uniform(150, 235) + rng.uniform(-12, 12, size=3)).astype(np.float32)
@@ -135,7 +136,7 @@ def _render(scene: dict, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def _sentences(descs: list[Desc], target: int, scene: dict, rng: np.random.Generator) -> list[str]:
+def target_sentences(descs: list[Desc], target: int, scene: dict, rng: np.random.Generator) -> list[str]:
     """1-3 distinct sentences for one ref, each re-checked by parsing it back."""
     order = rng.permutation(len(descs))
     out: list[str] = []
@@ -149,7 +150,7 @@ def _sentences(descs: list[Desc], target: int, scene: dict, rng: np.random.Gener
     return out
 
 
-def _split_names(n: int, seed: int) -> list[str]:
+def split_names(n: int, seed: int) -> list[str]:
     """Per image split: val 10%, testA 5%, testB 5% (each at least one when n allows), rest train."""
     n_val = max(1, round(0.1 * n)) if n >= 2 else 0
     n_a = max(1, round(0.05 * n)) if n >= 3 else 0
@@ -160,42 +161,57 @@ def _split_names(n: int, seed: int) -> list[str]:
     return [names[int(p)] for p in perm]
 
 
-def _raw(sent: str, rng: np.random.Generator) -> str:
+def raw_text(sent: str, rng: np.random.Generator) -> str:
     """A 'raw' form as an annotator might type it (capitalised, maybe a full stop)."""
     raw = sent[0].upper() + sent[1:] if rng.random() < 0.5 else sent
     return raw + "." if rng.random() < 0.3 else raw
 
 
 # ----------------------------------------------------------------------------- writing
+def write_scene_image(img_dir: Path, image_id: int, scene: dict, rng: np.random.Generator) -> dict:
+    """Render ``scene`` to ``img_dir/COCO_train2014_<id>.jpg``; return its instances.json image entry."""
+    file_name = f"COCO_train2014_{image_id:012d}.jpg"
+    buf = io.BytesIO()
+    Image.fromarray(render_scene(scene, rng)).save(buf, format="JPEG", quality=95, subsampling=0)
+    (img_dir / file_name).write_bytes(buf.getvalue())
+    return {"id": image_id, "file_name": file_name, "height": scene["h"], "width": scene["w"]}
+
+
+def scene_annotation(ann_id: int, image_id: int, obj: Obj, ann: dict) -> dict:
+    """The instances.json annotation of one drawn shape (with an extra ``color`` key)."""
+    return {"id": ann_id, "image_id": image_id, "category_id": SHAPES.index(obj.shape) + 1,
+            "segmentation": [ann["poly"]], "area": ann["area"], "bbox": ann["bbox"], "iscrowd": 0,
+            "color": obj.color}
+
+
+def categories() -> list[dict]:
+    """The instances.json categories: one per shape."""
+    return [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]
+
+
 def _write(tmp: Path, num_images: int, seed: int, min_size: int, max_size: int) -> None:
     img_dir = tmp / IMAGE_SUBDIR
     img_dir.mkdir(parents=True)
     (tmp / "refcoco").mkdir()
     images, anns, refs = [], [], []
-    splits = _split_names(num_images, seed)
+    splits = split_names(num_images, seed)
     ann_id, ref_id, sent_id = 1, 0, 0
     for idx in range(num_images):
         rng = np.random.default_rng([seed, idx])
-        scene = _scene(rng, min_size, max_size)
+        scene = make_scene(rng, min_size, max_size)
         image_id = idx + 1
-        file_name = f"COCO_train2014_{image_id:012d}.jpg"
-        buf = io.BytesIO()
-        Image.fromarray(_render(scene, rng)).save(buf, format="JPEG", quality=95, subsampling=0)
-        (img_dir / file_name).write_bytes(buf.getvalue())
-        images.append({"id": image_id, "file_name": file_name, "height": scene["h"], "width": scene["w"]})
+        images.append(write_scene_image(img_dir, image_id, scene, rng))
         for k, (o, a, descs) in enumerate(zip(scene["objs"], scene["anns"], scene["descs"])):
-            anns.append({"id": ann_id, "image_id": image_id, "category_id": SHAPES.index(o.shape) + 1,
-                         "segmentation": [a["poly"]], "area": a["area"], "bbox": a["bbox"],
-                         "iscrowd": 0, "color": o.color})
+            anns.append(scene_annotation(ann_id, image_id, o, a))
             if descs:
-                sents = _sentences(descs, k, scene, rng)
+                sents = target_sentences(descs, k, scene, rng)
                 ids = list(range(sent_id, sent_id + len(sents)))
                 sent_id += len(sents)
                 refs.append({
                     "ref_id": ref_id, "ann_id": ann_id, "image_id": image_id,
                     "category_id": SHAPES.index(o.shape) + 1, "split": splits[idx],
                     "file_name": f"COCO_train2014_{image_id:012d}_{k}.jpg", "sent_ids": ids,
-                    "sentences": [{"sent_id": i, "sent": s, "raw": _raw(s, rng), "tokens": s.split()}
+                    "sentences": [{"sent_id": i, "sent": s, "raw": raw_text(s, rng), "tokens": s.split()}
                                   for i, s in zip(ids, sents)],
                 })
                 ref_id += 1
@@ -203,7 +219,7 @@ def _write(tmp: Path, num_images: int, seed: int, min_size: int, max_size: int) 
     instances = {
         "info": {"description": "refseg synthetic shapes", "seed": seed, "num_images": num_images},
         "images": images, "annotations": anns,
-        "categories": [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)],
+        "categories": categories(),
     }
     (tmp / "refcoco" / "instances.json").write_text(json.dumps(instances))
     (tmp / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
@@ -227,9 +243,21 @@ def make_synthetic(out_dir: str | os.PathLike, num_images: int = 400, seed: int 
     holds a complete set (with ``.complete``) or nothing. A previous synthetic set there is replaced;
     a non-empty directory that is not one raises FileExistsError. Image sides are drawn from
     [min_size, max_size] pixels independently (mixed aspect)."""
+    check_synthetic_args(num_images, min_size, max_size)
+    return write_atomically(out_dir, lambda tmp: _write(tmp, num_images, seed, min_size, max_size), _replace)
+
+
+def check_synthetic_args(num_images: int, min_size: int, max_size: int) -> None:
+    """Raise ValueError unless num_images >= 1 and 32 <= min_size <= max_size."""
     if num_images < 1 or not 32 <= min_size <= max_size:
         raise ValueError(f"make_synthetic needs num_images >= 1 and 32 <= min_size <= max_size, "
                          f"got {num_images}, {min_size}, {max_size}")
+
+
+def write_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None], replace: bool = True) -> Path:
+    """Run ``write(tmp)`` (which fills the new directory ``tmp`` and writes ``tmp/.complete`` last) in a
+    hidden sibling of ``out_dir`` and rename it to ``out_dir``; an earlier synthetic set there is
+    replaced when ``replace``. A non-empty directory that is not a synthetic set raises FileExistsError."""
     out = Path(out_dir).absolute()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and _marker(out) is None)):
         raise FileExistsError(f"synthetic output '{out}' exists and is not an empty directory or an "
@@ -237,11 +265,11 @@ def make_synthetic(out_dir: str | os.PathLike, num_images: int = 400, seed: int 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        _write(tmp, num_images, seed, min_size, max_size)
+        write(tmp)
         try:
             os.rename(tmp, out)  # succeeds when ``out`` is missing or an empty directory
         except OSError:
-            if not _replace or _marker(out) is None:
+            if not replace or _marker(out) is None:
                 raise FileExistsError(f"synthetic output '{out}' appeared while it was being written; "
                                       f"choose a new directory") from None
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
@@ -258,9 +286,16 @@ def ensure_synthetic(root: str | os.PathLike, num_images: int = 400, seed: int =
     """Return ``root`` holding a synthetic set made with these arguments, creating it only if missing.
 
     Safe when several processes call it at once: each builds privately and the first rename wins."""
-    root = Path(root).absolute()
     want = {"num_images": num_images, "seed": seed, "min_size": min_size, "max_size": max_size,
             "version": _VERSION}
+    return ensure_made(root, want, lambda replace: make_synthetic(
+        root, num_images, seed, min_size=min_size, max_size=max_size, _replace=replace))
+
+
+def ensure_made(root: str | os.PathLike, want: dict, make: Callable[[bool], Path]) -> Path:
+    """``root`` when its ``.complete`` marker holds ``want``; else ``make(replace)`` builds it (replacing
+    an earlier synthetic set made with other arguments, never a racing writer's)."""
+    root = Path(root).absolute()
 
     def matches() -> bool:
         m = _marker(root)
@@ -268,9 +303,8 @@ def ensure_synthetic(root: str | os.PathLike, num_images: int = 400, seed: int =
 
     if matches():
         return root
-    try:  # replace an earlier synthetic set made with other arguments, never a racing writer's
-        make_synthetic(root, num_images, seed, min_size=min_size, max_size=max_size,
-                       _replace=_marker(root) is not None)
+    try:
+        make(_marker(root) is not None)
     except OSError:
         if not matches():  # another process may have won the race with the same arguments
             raise

@@ -1,0 +1,106 @@
+"""The CPU speed-ups of issue 26 compute what the code before them computed: channels_last input images
+(``to_inputs``) and the fused AdamW kernel (``setup_engine(fused_adamw=True)``), to float tolerance."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from refseg.config import load_config
+from refseg.losses import refseg_loss
+from refseg.models import build_model
+from refseg.train.engine import to_inputs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def debug_batch(batch: int = 4, size: int = 64, tokens: int = 12) -> dict:
+    rng = np.random.default_rng(0)
+    attn = (np.arange(tokens)[None] < rng.integers(3, tokens, (batch, 1))).astype(np.int64)
+    mask = np.zeros((batch, size, size), np.float32)
+    mask[:, size // 4: size // 2, size // 3:] = 1.0
+    return {"image": rng.standard_normal((batch, 3, size, size), dtype=np.float32),
+            "input_ids": rng.integers(1, 400, (batch, tokens)) * attn, "attention_mask": attn, "mask": mask}
+
+
+def test_to_inputs_gives_channels_last_images_with_the_same_values():
+    batch = debug_batch()
+    image, ids, attn, mask = to_inputs(batch, torch.device("cpu"), torch.float32)
+    assert image.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(image, torch.from_numpy(batch["image"]))
+    assert ids.dtype == attn.dtype == torch.long and mask.dtype == torch.float32
+
+
+def test_channels_last_input_gives_the_same_logits_and_gradients():
+    cfg = load_config(REPO / "configs" / "debug.yaml", [])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, pretrained=False).eval()  # eval: no dropout draws between the two passes
+    image, ids, attn, mask = to_inputs(debug_batch(), torch.device("cpu"), torch.float32)
+    results = []
+    for x in (image.contiguous(), image):  # NCHW (before issue 26), channels_last (to_inputs now)
+        model.zero_grad(set_to_none=True)
+        logits = model(x, ids, attn)["logits"]
+        refseg_loss(logits, mask).backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (nchw, g_nchw), (cl, g_cl) = results
+    torch.testing.assert_close(cl, nchw, rtol=1e-4, atol=1e-4)
+    assert g_cl.keys() == g_nchw.keys() and len(g_cl) > 100
+    for name in g_nchw:
+        torch.testing.assert_close(g_cl[name], g_nchw[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+ENGINES = r"""
+import json, sys
+import torch, deepspeed
+from refseg.config import load_config
+from refseg.losses import refseg_loss
+from refseg.runtime import local_env
+from refseg.train.engine import setup_engine, to_inputs
+sys.path.insert(0, sys.argv[1])
+from test_cpu_speed_options import debug_batch
+
+local_env()
+deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+out = {}
+for run in sys.argv[3:]:
+    stage, precision = run.split("-")
+    cfg = load_config(sys.argv[2], [f"deepspeed.zero_stage={stage}", f"train.precision={precision}", "train.batch_size=2"])
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    image, ids, attn, mask = to_inputs(debug_batch(batch=2, size=32), torch.device("cpu"), dtype)
+    for fused in (False, True):
+        engine = setup_engine(cfg, total_steps=100, device=torch.device("cpu"), fused_adamw=fused)[0]
+        losses = []
+        for _ in range(3):
+            loss = refseg_loss(engine(image, ids, attn)["logits"], mask)
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss))
+        out[f"{run}-{'fused' if fused else 'loop'}"] = losses
+print("LOSSES " + json.dumps(out))
+"""
+
+
+def test_fused_adamw_engine_follows_the_same_losses():
+    runs = ["2-fp32", "3-bf16"]
+    from refseg.runtime import extensions_env
+
+    env = {**os.environ, **extensions_env(), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-c", ENGINES, str(Path(__file__).parent),
+                           str(REPO / "configs" / "debug.yaml"), *runs],
+                          check=False, capture_output=True, text=True, env=env, timeout=900)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("LOSSES ")), None)
+    assert line is not None, proc.stdout[-2000:] + proc.stderr[-4000:]
+    losses = json.loads(line.removeprefix("LOSSES "))
+    for run in runs:
+        loop, fused = losses[f"{run}-loop"], losses[f"{run}-fused"]
+        assert np.isfinite(loop).all() and len(set(loop)) == len(loop), (run, loop)  # every step moves the weights
+        tol = 2e-2 if run.endswith("bf16") else 1e-4
+        np.testing.assert_allclose(fused, loop, rtol=tol, atol=tol, err_msg=run)
