@@ -216,11 +216,15 @@ def test_bad_init_from_is_one_sentence(tmp_path):
 @pytest.mark.slow
 def test_training_writes_an_artifact_and_init_from_starts_lower(ray_session, synthetic_root, tmp_path):
     """A 4-epoch run writes artifact/ (its summary in config.json, predictions equal to model.pt's); a run
-    started from that folder has a first-epoch loss below the from-scratch run's (same seed and data)."""
+    started from that folder has a first-epoch loss below the from-scratch run's (same data), and trains
+    with exactly the artifact's weights (lr 0 keeps them: its model.pt's parameters equal the folder's)."""
+    from safetensors.torch import load_file
+
     from refseg.infer import Predictor
+    from refseg.models import load_model
     from refseg.train import run_training
 
-    fast = ["train.val_every=0", "train.checkpoint_every=1", "train.keep_checkpoints=1"]
+    fast = ["train.val_every=0", "train.checkpoint_every=1", "train.keep_checkpoints=1", "train.max_steps_per_epoch=8"]
     scratch = tmp_path / "scratch"
     summary = run_training(small_cfg(synthetic_root, "train.epochs=4", *fast), scratch)
     art = Path(summary["artifact_path"])
@@ -230,8 +234,11 @@ def test_training_writes_an_artifact_and_init_from_starts_lower(ray_session, syn
     assert_same_predictions(Predictor.from_pretrained(art), Predictor.from_checkpoint(scratch / "model.pt"))
 
     tuned = tmp_path / "tuned"
-    run_training(small_cfg(synthetic_root, "train.epochs=1", f"train.init_from={art}", *fast), tuned)
+    run_training(small_cfg(synthetic_root, "train.epochs=1", "train.lr=0", f"train.init_from={art}", *fast), tuned)
     first_scratch, first_tuned = history(scratch)[0]["loss"], history(tuned)[0]["loss"]
     print(f"first-epoch loss: from scratch {first_scratch:.4f}, from the artifact {first_tuned:.4f}")
     assert first_tuned < first_scratch
+    weights, (model, _) = load_file(art / "model.safetensors"), load_model(tuned / "model.pt")
+    params = dict(model.named_parameters())
+    assert len(params) > 100 and all(torch.equal(p.detach(), weights[name]) for name, p in params.items())
 
