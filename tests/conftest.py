@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -50,3 +51,14 @@ def synthetic_root(tmp_path_factory) -> Path:
     from refseg.data.sources.synthetic import make_synthetic
 
     return make_synthetic(tmp_path_factory.mktemp("synthetic") / "set", num_images=SYNTHETIC_IMAGES, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_restored():
+    """Every test ends with the SIGINT / SIGTERM handlers it started with, so a test (or a library it
+    drives) that leaves SIGINT ignored cannot break the Ctrl-C tests after it (children inherit SIG_IGN)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        if handler is not None and signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
