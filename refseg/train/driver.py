@@ -244,7 +244,10 @@ def make_trainer(
     runtime.quiet_data()  # also when Ray was up before (jobs/train.py): init_ray then returns at once
     datasets, train_rows = build_datasets(cfg, world)
     spe = steps_per_epoch(train_rows, cfg, world)
-    loop = LoopConfig(config=cfg.to_dict(), output_dir=str(out), steps_per_epoch=spe, t0=t0, local=local,
+    # --local trains in one process: its global batch is train.batch_size x grad_accum, not scaled up to
+    # the worker count of the config (the workers' elastic accumulation reads train.num_workers)
+    worker_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=1)) if local else cfg
+    loop = LoopConfig(config=worker_cfg.to_dict(), output_dir=str(out), steps_per_epoch=spe, t0=t0, local=local,
                       stop=stop, val_shards=world)
     if local:
         local_env()
