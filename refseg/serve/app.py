@@ -119,10 +119,14 @@ class SegmentService:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def predict_batched(self, items: list[tuple[Any, str]]) -> list[Any]:
-        """[(image (H, W, 3) uint8, text)] from concurrent requests -> their Predictions, one forward pass
-        (in a thread, so the replica keeps parsing requests meanwhile)."""
+        """[(image (H, W, 3) uint8, text)] from concurrent requests -> their Predictions, one forward pass.
+
+        The pass runs on the replica's event loop, not in a thread: the requests arriving meanwhile wait
+        in Ray's queue (no GIL needed) and then meet in the next batch. Handed to a thread, the forward
+        held the GIL against the loop, requests trickled in one at a time and 434 of 466 batches had one
+        request (bench/serve.py: batched 14.4 req/s vs 16.0 unbatched; inline 39.1 vs 21.6)."""
         images, texts = [im for im, _ in items], [t for _, t in items]
-        return await asyncio.to_thread(self.predictor.predict_batch, images, texts, self.opts.threshold)
+        return self.predictor.predict_batch(images, texts, self.opts.threshold)
 
     async def read_request(self, request: Request, batch: bool) -> tuple[Any, list[str]]:
         """The decoded image and the checked texts of a segment request (BadRequest otherwise)."""
@@ -137,7 +141,9 @@ class SegmentService:
         else:
             image, texts = await form_fields(request, batch, self.opts.max_texts)
         texts = check_texts(texts, self.opts.max_text_chars, self.opts.max_texts)
-        rgb = await asyncio.to_thread(decode_image, image, self.opts.max_pixels)
+        # decoded on the loop as well (bounded: the header's size is checked against max_pixels first); a
+        # thread hop per request starved the loop like the forward pass did (predict_batched)
+        rgb = decode_image(image, self.opts.max_pixels)
         return rgb, texts
 
     @api.post("/v1/segment")
