@@ -21,6 +21,13 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers (refer_fixtures
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+# A shell without job control starts a background job (`make test &`, nohup ... &) with SIGINT ignored,
+# and children inherit SIG_IGN: the Ctrl-C tests' subprocesses would ignore the SIGINT they are sent
+# (seen 2026-12-01: six such failures in a backgrounded run, none in CI). A Python handler is reset to
+# the default in a child, so with this the tests behave the same however pytest was started.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 RAY_NUM_CPUS = 2
 RAY_OBJECT_STORE_BYTES = 300 * 1024**2
 SYNTHETIC_IMAGES = 40
