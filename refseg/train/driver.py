@@ -237,16 +237,16 @@ def make_trainer(
     out.mkdir(parents=True, exist_ok=True)
     run = open_run(cfg, out, resume)
     write_text_atomic(out / "config.yaml", cfg.to_yaml())
-    world = 1 if local else cfg.train.worker_range()[1]  # elastic: val shards and steps as at the most
+    # --local trains in one process: the workers' config says so, or their elastic accumulation (which
+    # reads train.num_workers) would scale its global batch up to the config's worker count
+    worker_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=1)) if local else cfg
+    world = worker_cfg.train.worker_range()[1]  # elastic: val shards and steps as at the most
     prepare_environment(cfg)
     init_ray(address)
     check_resources(cfg, local)
     runtime.quiet_data()  # also when Ray was up before (jobs/train.py): init_ray then returns at once
     datasets, train_rows = build_datasets(cfg, world)
     spe = steps_per_epoch(train_rows, cfg, world)
-    # --local trains in one process: its global batch is train.batch_size x grad_accum, not scaled up to
-    # the worker count of the config (the workers' elastic accumulation reads train.num_workers)
-    worker_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=1)) if local else cfg
     loop = LoopConfig(config=worker_cfg.to_dict(), output_dir=str(out), steps_per_epoch=spe, t0=t0, local=local,
                       stop=stop, val_shards=world)
     if local:
