@@ -4,6 +4,7 @@
     python bench/cpu_step.py --part step --variants model_nchw,model_cl,engine_nchw,engine_cl --reps 15
     python bench/cpu_step.py --part worker --steps 40          # Ray Train workers: data wait / fwd / bwd / step
     python bench/cpu_step.py --part profile --profile-variant model_nchw
+    python bench/cpu_step.py --part concurrent --variants model_cl_fused --procs 2   # 2 workers' steps at once
 
 Parts (the debug config's model, ``configs/debug.yaml``, batch 16 at its 96 px, random weights):
 
@@ -20,6 +21,8 @@ Parts (the debug config's model, ``configs/debug.yaml``, batch 16 at its 96 px, 
 - ``profile``: ``torch.profiler`` tables of one variant's forward (+ loss) and of its backward + clipping
   + optimizer step, each profiled alone, ops ranked by self CPU ms per step (``--top`` rows each),
   grouped by input shapes.
+- ``concurrent``: the first variant's step in one process, then in ``--procs`` processes at once (no Ray,
+  no DeepSpeed, no communication): the slowdown two training workers cause each other on this host.
 - ``worker``: the full path: ``num_workers`` Ray Train workers with the config's CPUs each, Ray Data
   (``data.cache``) feeding them through ``refseg.train.loop.train_batches``, the DeepSpeed engine; each
   worker times every step's phases (data wait, inputs, forward + loss, backward, optimizer step, the
@@ -202,6 +205,34 @@ def profile_part(cfg, a) -> dict:
     return out
 
 
+def concurrent_part(a) -> dict:
+    """The first variant's step alone, then in ``--procs`` processes at once (one thread each, no Ray, no
+    DeepSpeed, no communication): what running N training workers side by side costs on this host by
+    itself (shared caches, memory bandwidth, vCPUs that share a physical core)."""
+    import subprocess
+
+    variant = a.variants.split(",")[0]
+
+    def launch(n: int) -> list[float]:
+        with tempfile.TemporaryDirectory(prefix="refseg-bench-conc-") as tmp:
+            cmd = [sys.executable, __file__, "--part", "step", "--variants", variant, "--reps", str(a.reps),
+                   "--batch", str(a.batch), "--threads", "1", *a.overrides]
+            procs = [subprocess.Popen([*cmd, "--json", f"{tmp}/{i}.json"], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL) for i in range(n)]
+            if any(p.wait() for p in procs):
+                sys.exit("bench/cpu_step.py: a concurrent step process failed; run its --part step alone to see why")
+            return [json.loads(Path(f"{tmp}/{i}.json").read_text())["step"][variant]["wall_ms"] for i in range(n)]
+
+    alone = launch(1)[0]
+    together = launch(a.procs)
+    res = {"variant": variant, "alone_ms": alone, "together_ms": together,
+           "slowdown": statistics.mean(together) / alone}
+    print(f"concurrent: {variant}, batch {a.batch}, 1 thread each; median wall ms per step alone {alone:.1f}, "
+          f"{a.procs} at once {' / '.join(f'{t:.1f}' for t in together)} (x{res['slowdown']:.2f}); aggregate "
+          f"{a.procs * a.batch * 1e3 / statistics.mean(together):.0f} samples/s vs {a.batch * 1e3 / alone:.0f} alone")
+    return res
+
+
 def worker_loop(config: dict) -> None:
     """Ray Train worker: a warm-up epoch, then ``steps`` timed steps whose phases rank 0 writes as JSON."""
     import numpy as np
@@ -304,7 +335,7 @@ def worker_part(cfg, a, tmp: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", default="step,profile", help="step, profile, worker (comma-separated)")
+    ap.add_argument("--part", default="step,profile", help="step, profile, worker, concurrent (comma-separated)")
     ap.add_argument("--variants", default="model_nchw,model_cl,engine_nchw,engine_cl",
                     help=f"step variants, the first is the reference: {', '.join(VARIANTS)}")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (a debug-config worker has 1)")
@@ -315,6 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--steps", type=int, default=40, help="timed steps per worker in the worker part")
+    ap.add_argument("--procs", type=int, default=2, help="processes at once in the concurrent part")
     ap.add_argument("--json", default=None, help="also write every figure to this file")
     ap.add_argument("overrides", nargs="*", help="config overrides (key=value) on configs/debug.yaml")
     a = ap.parse_args(argv)
@@ -336,8 +368,10 @@ def main(argv: list[str] | None = None) -> None:
                 res["profile"] = profile_part(cfg, a)
             elif part == "worker":
                 res["worker"] = worker_part(cfg, a, Path(tmp))
+            elif part == "concurrent":
+                res["concurrent"] = concurrent_part(a)
             else:
-                sys.exit(f"bench/cpu_step.py: unknown part {part!r}; choose from step, profile, worker")
+                sys.exit(f"bench/cpu_step.py: unknown part {part!r}; choose from step, profile, worker, concurrent")
             if a.json:
                 Path(a.json).write_text(json.dumps(res, indent=1))
 

@@ -37,6 +37,25 @@ def test_to_inputs_gives_channels_last_images_with_the_same_values():
     assert ids.dtype == attn.dtype == torch.long and mask.dtype == torch.float32
 
 
+def test_uint8_batches_give_the_inputs_of_the_float_batches_of_before():
+    """Issue 25: uint8 pixels and masks cross to the device and are normalised there, to the very values
+    the host-normalised float32 batch (the columns before) gives."""
+    from refseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (3, 3, 16, 16), dtype=np.uint8)
+    u8 = dict(debug_batch(batch=3, size=16), image=pixels)
+    u8["mask"] = u8["mask"].astype(np.uint8)
+    host = ((pixels.transpose(0, 2, 3, 1).astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD)
+    floats = dict(u8, image=np.ascontiguousarray(host.transpose(0, 3, 1, 2)), mask=u8["mask"].astype(np.float32))
+    for dtype in (torch.float32, torch.bfloat16):
+        got, want = to_inputs(u8, torch.device("cpu"), dtype), to_inputs(floats, torch.device("cpu"), dtype)
+        assert got[0].dtype == dtype and got[0].is_contiguous(memory_format=torch.channels_last)
+        assert got[3].dtype == torch.float32
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and torch.equal(g, w)
+
+
 def test_channels_last_input_gives_the_same_logits_and_gradients():
     cfg = load_config(REPO / "configs" / "debug.yaml", [])
     torch.manual_seed(0)

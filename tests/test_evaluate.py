@@ -76,6 +76,7 @@ def test_at_train_res_block_uses_nearest_resized_gt(one_worker, synthetic_root, 
     import torch
 
     from refseg.data import decode_mask, load_image, load_split, preprocess, tokenize
+    from refseg.data.transforms import normalize_images
     from refseg.infer import Predictor
     from refseg.metrics import SegMetrics
 
@@ -87,7 +88,8 @@ def test_at_train_res_block_uses_nearest_resized_gt(one_worker, synthetic_root, 
                            IMAGE_SIZE, False, orig_size=(r["height"], r["width"]))
         ids, am = tokenize(p.tokenizer, [r["sentence"]], p.max_tokens)
         with torch.inference_mode():
-            logits = p.model(torch.from_numpy(x[None]), torch.from_numpy(ids), torch.from_numpy(am))["logits"]
+            logits = p.model(normalize_images(torch.from_numpy(x[None])), torch.from_numpy(ids),
+                             torch.from_numpy(am))["logits"]
         m.update(torch.sigmoid(logits)[0, 0].numpy() > 0.5, gt)
     want = m.compute()
     got = json.loads((one_worker / "metrics.json").read_text())["at_train_res"]

@@ -31,6 +31,7 @@ def test_onnx_matches_pytorch(exported, synthetic_root, batch):
     import torch
 
     from refseg.data import load_image, load_split, preprocess, tokenize
+    from refseg.data.transforms import normalize_images
     from refseg.infer import Predictor
 
     ckpt, path = exported
@@ -38,7 +39,8 @@ def test_onnx_matches_pytorch(exported, synthetic_root, batch):
     recs = load_split(synthetic_root, "refcoco", "unc", "val")[:batch]
     texts = [r["sentence"] for r in recs]
     texts[0] = "the " + " ".join(["big"] * 40) + " red circle"  # truncated to max_tokens: a full row
-    image = np.stack([preprocess(load_image(r["image_path"]), None, IMAGE_SIZE, False)[0] for r in recs])
+    pixels = np.stack([preprocess(load_image(r["image_path"]), None, IMAGE_SIZE, False)[0] for r in recs])
+    image = normalize_images(torch.from_numpy(pixels)).numpy()  # the graph takes normalised float32 images
     ids, am = tokenize(p.tokenizer, texts, p.max_tokens)
     assert am[0].sum() == p.max_tokens and all(am[1:].sum(1) < p.max_tokens)  # full and padded rows
     with torch.inference_mode():

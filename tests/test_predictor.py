@@ -85,15 +85,21 @@ def test_prediction_equals_manual_pipeline(predictor, sample):
     import torch
 
     from refseg.data import load_image, preprocess_with_meta, tokenize, unresize_logits
+    from refseg.data.transforms import normalize_images
 
     image = load_image(sample["image_path"])
     x, _, meta = preprocess_with_meta(image, None, IMAGE_SIZE, False)
+    assert x.dtype == np.uint8 and predictor.prepare(image)[0].dtype == np.uint8
     ids, am = tokenize(predictor.tokenizer, [sample["sentence"]], predictor.max_tokens)
+    x = normalize_images(torch.from_numpy(x[None]))
     with torch.inference_mode():
-        logits = predictor.model(torch.from_numpy(x[None]), torch.from_numpy(ids), torch.from_numpy(am))["logits"]
+        logits = predictor.model(x, torch.from_numpy(ids), torch.from_numpy(am))["logits"]
     want = unresize_logits(torch.sigmoid(logits)[0, 0].numpy(), meta)
     got = predictor.predict(image, sample["sentence"]).prob
     np.testing.assert_allclose(got, want, atol=1e-5)
+    # forward also takes images normalised already (float32), to the same probabilities
+    np.testing.assert_array_equal(predictor.forward(x.numpy(), [sample["sentence"]])[0],
+                                  predictor.forward(predictor.prepare(image)[0][None], [sample["sentence"]])[0])
 
 
 def test_predict_batch_matches_single_predictions(predictor, synthetic_root):

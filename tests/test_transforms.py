@@ -7,14 +7,17 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from refseg.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    MEAN_PIXEL,
     ImageError,
     hflip_sample,
     load_image,
+    normalize_images,
     preprocess,
     preprocess_with_meta,
     random_augment,
@@ -148,13 +151,33 @@ def test_bad_bytes_are_named():
 
 
 # ----------------------------------------------------------------------------- resizing
-def test_preprocess_normalises_a_pure_colour():
+def test_preprocess_keeps_a_pure_colour_and_normalize_images_normalises_it():
     image = np.zeros((40, 30, 3), np.uint8)
     image[:] = (255, 0, 128)
     x, m = preprocess(image, None, 16, keep_aspect=False)
-    assert x.shape == (3, 16, 16) and x.dtype == np.float32 and m is None
+    assert x.shape == (3, 16, 16) and x.dtype == np.uint8 and m is None
+    assert (x.reshape(3, -1) == np.array([255, 0, 128])[:, None]).all()
     want = (np.array([255, 0, 128]) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-    assert np.allclose(x.reshape(3, -1), want[:, None], atol=1e-5)
+    got = normalize_images(torch.from_numpy(x[None]))[0].numpy()
+    assert np.allclose(got.reshape(3, -1), want[:, None], atol=1e-5)
+
+
+def test_normalize_images_is_bit_identical_to_the_float32_formula_and_passes_floats_through():
+    # every uint8 value in every channel: (1, 3, 2, 256), the second row reversed
+    values = np.arange(256, dtype=np.uint8)
+    pixels = np.broadcast_to(np.stack([values, values[::-1]]), (1, 3, 2, 256)).copy()
+    x = torch.from_numpy(pixels.copy())
+    got = normalize_images(x)
+    assert got.dtype == torch.float32 and got.shape == x.shape and np.array_equal(x.numpy(), pixels)  # x kept
+    # the float32 operations the host normalisation (a lookup table) used before issue 25
+    table = (np.arange(256, dtype=np.float32)[:, None] / 255.0 - IMAGENET_MEAN) / IMAGENET_STD  # (256, 3)
+    want = table[pixels.transpose(0, 2, 3, 1), np.arange(3)].transpose(0, 3, 1, 2)
+    assert want.dtype == np.float32
+    np.testing.assert_array_equal(got.numpy().view(np.uint32), want.view(np.uint32))  # bit for bit
+    channels_last = normalize_images(x.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(channels_last, got)
+    for already in (torch.randn(2, 3, 4, 4), torch.randn(1, 3, 4, 4).to(torch.bfloat16)):
+        assert normalize_images(already) is already  # normalised floats: unchanged
 
 
 def test_keep_aspect_pads_bottom_right_and_mask_stays_binary():
@@ -164,10 +187,12 @@ def test_keep_aspect_pads_bottom_right_and_mask_stays_binary():
     x, m, meta = preprocess_with_meta(image, mask, 32, keep_aspect=True)
     assert x.shape == (3, 32, 32) and m.shape == (32, 32) and m.dtype == np.uint8
     assert (meta["resized_h"], meta["resized_w"], meta["pad_h"], meta["pad_w"]) == (16, 32, 16, 0)
-    assert (x[:, 16:] == 0).all() and (m[16:] == 0).all()
+    assert (x[:, 16:] == MEAN_PIXEL[:, None, None]).all() and (m[16:] == 0).all()  # padding: the mean colour
+    assert MEAN_PIXEL.tolist() == [124, 116, 104]
+    assert np.abs(normalize_images(torch.from_numpy(x[None]))[0, :, 16:].numpy()).max() < 0.01  # ~0 normalised
     assert set(np.unique(m[:16]).tolist()) == {0, 1}
     x2, m2 = preprocess(image, mask, 32, keep_aspect=False)
-    assert set(np.unique(m2).tolist()) == {0, 1} and x2[:, 16:].std() > 0.1  # no padding
+    assert set(np.unique(m2).tolist()) == {0, 1} and x2[:, 16:].std() > 5  # no padding
 
 
 def test_geometry_follows_the_mask_when_image_was_drafted_smaller():
@@ -177,7 +202,7 @@ def test_geometry_follows_the_mask_when_image_was_drafted_smaller():
     small[:, :25] = 255
     x, m, meta = preprocess_with_meta(small, mask, 64, keep_aspect=True)
     assert (meta["orig_h"], meta["orig_w"], meta["resized_h"]) == (100, 200, 32)
-    bright = x[0, :32] > 0
+    bright = x[0, :32] >= 128
     assert (bright == m[:32].astype(bool)).mean() > 0.97
 
 
@@ -292,13 +317,16 @@ def test_tokenize_pads_and_truncates(tmp_path):
     assert ids[1, 0] == 2 and ids[1, -1] == 3 and att[1].all()  # truncated, still ends with [SEP]
 
 
-def test_lookup_table_normalisation_is_bit_identical_to_the_formula() -> None:
-    from refseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, preprocess
-
+def test_preprocess_lays_out_the_resized_pixels_on_a_mean_colour_canvas() -> None:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
     out, _ = preprocess(image, None, 48, keep_aspect=True)
-    resized = np.asarray(Image.fromarray(image).resize((48, 34), Image.BILINEAR), np.float32)
-    expected = np.zeros((3, 48, 48), np.float32)
-    expected[:, :34, :48] = ((resized / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+    resized = np.asarray(Image.fromarray(image).resize((48, 34), Image.BILINEAR))
+    expected = np.empty((3, 48, 48), np.uint8)
+    expected[:] = MEAN_PIXEL[:, None, None]
+    expected[:, :34, :48] = resized.transpose(2, 0, 1)
     np.testing.assert_array_equal(out, expected)
+    # on the device: the content bit-identical to the float32 formula of before issue 25
+    normalised = normalize_images(torch.from_numpy(out[None]))[0].numpy()
+    formula = ((resized.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+    np.testing.assert_array_equal(normalised[:, :34], formula)

@@ -71,6 +71,14 @@ SWEEP_CASES = [
     ({"tune__search": "grid"}, "tune.search must be 'random' or 'optuna', got 'grid'"),
     ({"tune__grace_period": 0}, "tune.grace_period must be at least 1 epoch, got 0"),
     ({"train__val_every": 0}, "tune.metric=val_oiou needs validation: set train.val_every to 1 (or more)"),
+    ({"data__dataset": "grefcoco", "train__val_every": 0},
+     "tune.metric=val_ciou needs validation: set train.val_every to 1 (or more)"),
+    ({"data__dataset": "grefcoco", "tune__metric": "val_oiou"},
+     ("tune.metric=val_oiou is not reported on data.dataset=grefcoco; use one of val_giou, val_ciou, val_n_acc, "
+     "val_t_acc (or leave tune.metric unset for val_ciou)")),
+    ({"tune__metric": "val_giou"},
+     ("tune.metric=val_giou is not reported on data.dataset=refcoco; use one of val_oiou, val_miou, val_dice "
+     "(or leave tune.metric unset for val_oiou)")),
 ]
 
 

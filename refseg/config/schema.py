@@ -87,6 +87,14 @@ class ModelConfig:
 # data.dataset values of generalized data (one-, multi- and no-target expressions): validation reports
 # the GRES metrics (refseg.metrics.GresMetrics) and the best checkpoint is the one with the best val cIoU
 GENERALIZED_DATASETS = ("grefcoco",)
+CLASSIC_ONLY_METRICS = ("val_oiou", "val_miou", "val_dice")  # reported on classic data only
+GENERALIZED_ONLY_METRICS = ("val_giou", "val_ciou", "val_n_acc", "val_t_acc")  # on generalized data only
+
+
+def selection_metric(dataset: str) -> str:
+    """The validation metric that ranks a run's checkpoints and, unless ``tune.metric`` names another, a
+    sweep's trials: ``val_ciou`` on generalized data (``dataset`` in GENERALIZED_DATASETS), else ``val_oiou``."""
+    return "val_ciou" if dataset in GENERALIZED_DATASETS else "val_oiou"
 
 
 @dataclass
@@ -186,7 +194,7 @@ class EvalConfig:
 class TuneConfig:
     num_samples: int = 8
     max_concurrent: int | None = None
-    metric: str = "val_oiou"
+    metric: str | None = None  # null: the checkpoint metric (val_oiou; val_ciou on generalized data)
     mode: str = "max"
     scheduler: str = "asha"  # asha | none
     grace_period: int = 1

@@ -16,7 +16,18 @@ from __future__ import annotations
 
 import math
 
-from refseg.config.schema import Config, ConfigError, DataConfig, DeepSpeedConfig, ModelConfig, TrainConfig
+from refseg.config.schema import (
+    CLASSIC_ONLY_METRICS,
+    GENERALIZED_DATASETS,
+    GENERALIZED_ONLY_METRICS,
+    Config,
+    ConfigError,
+    DataConfig,
+    DeepSpeedConfig,
+    ModelConfig,
+    TrainConfig,
+    selection_metric,
+)
 
 FUSION_LEVELS = (4, 8, 16, 32)
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -143,5 +154,11 @@ def validate_sweep(cfg: Config) -> None:
     if not isinstance(cfg.train.num_workers, int):
         raise ConfigError(f"train.num_workers={cfg.train.num_workers}: a sweep's trials need a fixed worker count "
                           "(each trial holds its resources for its life); set one number")
-    if t.metric.startswith("val_") and cfg.train.val_every < 1:
-        raise ConfigError(f"tune.metric={t.metric} needs validation: set train.val_every to 1 (or more)")
+    metric = t.metric or selection_metric(cfg.data.dataset)
+    generalized = cfg.data.dataset in GENERALIZED_DATASETS
+    if metric in (CLASSIC_ONLY_METRICS if generalized else GENERALIZED_ONLY_METRICS):
+        valid = GENERALIZED_ONLY_METRICS if generalized else CLASSIC_ONLY_METRICS
+        raise ConfigError(f"tune.metric={metric} is not reported on data.dataset={cfg.data.dataset}; use one of "
+                          f"{', '.join(valid)} (or leave tune.metric unset for {selection_metric(cfg.data.dataset)})")
+    if metric.startswith("val_") and cfg.train.val_every < 1:
+        raise ConfigError(f"tune.metric={metric} needs validation: set train.val_every to 1 (or more)")

@@ -2,8 +2,8 @@
 
     opts = sample_opts(cfg.data, train=False)
     out = decode_batch(rows, fast_tokenizer(tokenizer), opts)   # NumPy columns, see COLUMNS
-    out["image"]  # (B, 3, S, S) float32, ImageNet-normalised
-    out["mask"]   # (B, S, S) float32 {0, 1}; input_ids / attention_mask (B, L) int64
+    out["image"]  # (B, 3, S, S) uint8 pixels (resized, padded; normalize_images on the device)
+    out["mask"]   # (B, S, S) uint8 {0, 1}; input_ids / attention_mask (B, L) int64
     out["no_target"]  # (B,) float32 {0, 1}: 1 = the expression names nothing (gRefCOCO); its mask is all 0
 
 A row is one ref: its image (a path / URI, or the bytes of a Parquet shard), its mask (a JSON
@@ -235,7 +235,7 @@ def cached_sample(batch: dict, i: int) -> tuple[np.ndarray, np.ndarray, tuple[in
 
 # ----------------------------------------------------------------------------- a batch of rows
 def _empty(size: int, length: int) -> dict:
-    return {"image": np.zeros((0, 3, size, size), np.float32), "mask": np.zeros((0, size, size), np.float32),
+    return {"image": np.zeros((0, 3, size, size), np.uint8), "mask": np.zeros((0, size, size), np.uint8),
             "input_ids": np.zeros((0, length), np.int64), "attention_mask": np.zeros((0, length), np.int64),
             **{k: np.zeros((0,), np.int64) for k in ("ref_id", "sent_id", "orig_h", "orig_w")},
             "no_target": np.zeros((0,), np.float32)}
@@ -281,8 +281,8 @@ def decode_batch(batch: dict, tokenizer: Any, opts: SampleOptions, collector: An
     input_ids, attention_mask = tokenize(tokenizer, sentences, opts.max_tokens)
     meta_arr = np.asarray(meta, dtype=np.int64)  # (B, 4)
     return {
-        "image": np.stack(images).astype(np.float32, copy=False),  # (B, 3, S, S)
-        "mask": np.stack(masks).astype(np.float32),  # (B, S, S)
+        "image": np.stack(images),  # (B, 3, S, S) uint8
+        "mask": np.stack(masks).astype(np.uint8, copy=False),  # (B, S, S) uint8 {0, 1}
         "input_ids": np.asarray(input_ids, dtype=np.int64),  # (B, L)
         "attention_mask": np.asarray(attention_mask, dtype=np.int64),  # (B, L)
         "ref_id": meta_arr[:, 0], "sent_id": meta_arr[:, 1], "orig_h": meta_arr[:, 2], "orig_w": meta_arr[:, 3],

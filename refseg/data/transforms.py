@@ -1,7 +1,8 @@
 """Image decoding, resizing, text-safe augmentation and tokenisation for referring segmentation.
 
     image = load_image("COCO_train2014_000000000009.jpg")            # (H, W, 3) uint8 RGB
-    x, m = preprocess(image, mask, size=480, keep_aspect=False)       # (3, S, S) float32, (S, S) uint8
+    x, m = preprocess(image, mask, size=480, keep_aspect=False)       # (3, S, S) uint8, (S, S) uint8
+    x = normalize_images(torch.from_numpy(x[None]).to(device))        # (1, 3, S, S) float32, ImageNet-normalised
     x, m, meta = preprocess_with_meta(image, None, 480, keep_aspect=True)
     prob_full = unresize_logits(prob, meta)                           # (S, S) -> (orig_h, orig_w)
     image, mask, sent = hflip_sample(image, mask, "the man on the left")  # -> "... on the right"
@@ -24,15 +25,19 @@ import os
 import re
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from refseg.data.skips import RefSegDataError
 
+if TYPE_CHECKING:
+    import torch
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+MEAN_PIXEL = np.rint(IMAGENET_MEAN * 255).astype(np.uint8)  # (3,) the mean colour as uint8: padding / canvas
 MAX_PIXELS = 89_478_485  # PIL's default decompression-bomb threshold (0.25 GiB of RGBA)
 
 
@@ -139,12 +144,29 @@ def load_image(src: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS, *,
                          f"re-download it or drop the sample") from None
 
 
-# ----------------------------------------------------------------------------- resizing
-# (3, 256) float32: channel c of uint8 value v -> (v / 255 - mean[c]) / std[c], computed with the very
-# operations (and dtypes) normalising a whole float32 image would use, so lookups are bit-identical
-_NORMALISE_LUT = np.ascontiguousarray(
-    ((np.arange(256, dtype=np.float32)[:, None] / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).T)
+# ----------------------------------------------------------------------------- normalising
+# (3, 3, 1, 1) float32: the divisor 255, the mean and the std per channel (see normalize_images)
+_NORM_STATS = np.stack([np.full(3, 255, np.float32), IMAGENET_MEAN, IMAGENET_STD])[:, :, None, None]
+_NORM_ON: dict = {}  # device -> _NORM_STATS as a tensor there (made once: no blocking copy per batch)
 
+
+def normalize_images(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (B, 3, S, S) -> float32 ``(x / 255 - mean) / std`` (ImageNet statistics), on x's device.
+
+    Every step is a float32 tensor-by-tensor operation (also the division by 255: CUDA turns a division
+    by a Python scalar into a multiplication by its reciprocal), so the values are bit-identical to
+    NumPy's float32 ``(v / 255.0 - IMAGENET_MEAN) / IMAGENET_STD``. A floating-point ``x`` is taken
+    as normalised already and returned as it is. Uses only tensor methods: this module never imports torch."""
+    if x.is_floating_point():
+        return x
+    out = x.float()
+    stats = _NORM_ON.get(out.device)
+    if stats is None:
+        stats = _NORM_ON[out.device] = out.new_tensor(_NORM_STATS)
+    return out.div_(stats[0]).sub_(stats[1]).div_(stats[2])
+
+
+# ----------------------------------------------------------------------------- resizing
 
 def resize_geometry(orig_h: int, orig_w: int, size: int, keep_aspect: bool) -> tuple[int, int]:
     """(resized_h, resized_w) of the image content inside the S x S canvas."""
@@ -165,14 +187,15 @@ def resize_to(a: np.ndarray, h: int, w: int, resample: int) -> np.ndarray:
 def preprocess_with_meta(image: np.ndarray, mask: np.ndarray | None, size: int, keep_aspect: bool,
                          orig_size: tuple[int, int] | None = None
                          ) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """Resize (bilinear image, nearest mask), normalise with ImageNet statistics and pad.
+    """Resize (bilinear image, nearest mask), lay the image out channel-first and pad.
 
     image: (H, W, 3) uint8; mask: (H', W') {0,1} uint8 or None. The geometry follows ``orig_size``
     (h, w), else the mask's size, else the image's (so a draft-decoded smaller image still lines up).
-    keep_aspect=True: the longer side becomes ``size`` and the bottom/right are padded (image with 0
-    = the mean after normalisation, mask with 0); False: plain resize to size x size.
-    Returns image float32 (3, S, S), mask uint8 (S, S) or None, and meta {orig_h, orig_w, size,
-    keep_aspect, resized_h, resized_w, pad_h, pad_w, scale_y, scale_x} for :func:`unresize_logits`."""
+    keep_aspect=True: the longer side becomes ``size`` and the bottom/right are padded (image with
+    :data:`MEAN_PIXEL`, mask with 0); False: plain resize to size x size.
+    Returns image uint8 (3, S, S) (:func:`normalize_images` makes the model's input of it, on the
+    device), mask uint8 (S, S) or None, and meta {orig_h, orig_w, size, keep_aspect, resized_h,
+    resized_w, pad_h, pad_w, scale_y, scale_x} for :func:`unresize_logits`."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"preprocess expects an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
     if orig_size is not None:
@@ -181,9 +204,10 @@ def preprocess_with_meta(image: np.ndarray, mask: np.ndarray | None, size: int, 
         oh, ow = (mask.shape[:2] if mask is not None else image.shape[:2])
     rh, rw = resize_geometry(oh, ow, size, keep_aspect)
     pixels = resize_to(image, rh, rw, Image.BILINEAR)  # (rh, rw, 3) uint8
-    out = np.zeros((3, size, size), np.float32)
-    for c in range(3):  # a table lookup per channel: the same float32 values as normalising each pixel
-        out[c, :rh, :rw] = _NORMALISE_LUT[c][pixels[:, :, c]]
+    out = np.empty((3, size, size), np.uint8)
+    if (rh, rw) != (size, size):
+        out[:] = MEAN_PIXEL[:, None, None]
+    out[:, :rh, :rw] = pixels.transpose(2, 0, 1)
     m_out = None
     if mask is not None:
         m_out = np.zeros((size, size), np.uint8)
@@ -196,7 +220,7 @@ def preprocess_with_meta(image: np.ndarray, mask: np.ndarray | None, size: int, 
 
 def preprocess(image: np.ndarray, mask: np.ndarray | None, size: int, keep_aspect: bool,
                orig_size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """:func:`preprocess_with_meta` without the meta: (3, S, S) float32 image, (S, S) uint8 mask | None."""
+    """:func:`preprocess_with_meta` without the meta: (3, S, S) uint8 image, (S, S) uint8 mask | None."""
     img, m, _ = preprocess_with_meta(image, mask, size, keep_aspect, orig_size)
     return img, m
 
@@ -295,7 +319,7 @@ def random_augment(image: np.ndarray, mask: np.ndarray | None, sentence: str, rn
     y0, x0 = min(round(oy * fy), out_h - 1), min(round(ox * fx), out_w - 1)
     th, tw = min(max(1, round(nh * fy)), out_h - y0), min(max(1, round(nw * fx)), out_w - x0)
     canvas = np.empty((out_h, out_w, 3), np.uint8)
-    canvas[:] = np.rint(IMAGENET_MEAN * 255).astype(np.uint8)
+    canvas[:] = MEAN_PIXEL
     canvas[y0:y0 + th, x0:x0 + tw] = lut[resize_to(image, th, tw, Image.BILINEAR)]
     if mask is not None:
         m = np.zeros((out_h, out_w), np.uint8)

@@ -148,7 +148,7 @@ class Predictor:
         self.config = config
         model_cfg = getattr(model, "config", None)  # the no-target head's threshold (model.no_target_threshold)
         self.no_target_threshold = model_cfg.no_target_threshold if model_cfg is not None else 0.5
-        # CUDA: the float32 batch travels through one reused page-locked buffer (an asynchronous copy)
+        # CUDA: the uint8 batch travels through one reused page-locked buffer (an asynchronous copy)
         self.pin = self.cuda
         self._staging = None
 
@@ -175,7 +175,7 @@ class Predictor:
 
     # -- pieces
     def prepare(self, image: np.ndarray, orig_size: tuple[int, int] | None = None) -> tuple[np.ndarray, dict]:
-        """(H, W, 3) uint8 -> (image float32 (3, S, S), meta for :meth:`finish`)."""
+        """(H, W, 3) uint8 -> (image uint8 (3, S, S), resized and padded, meta for :meth:`finish`)."""
         from refseg.data.transforms import preprocess_with_meta
 
         x, _, meta = preprocess_with_meta(image, None, self.image_size, self.keep_aspect, orig_size)
@@ -183,22 +183,25 @@ class Predictor:
 
     def forward(self, images: np.ndarray, texts: Sequence[str], return_attn: bool = False,
                 return_no_target: bool = False) -> tuple:
-        """images (B, 3, S, S) float32, B texts -> (prob (B, S, S) float32, attn (B, h, w) float32 | None)
+        """images (B, 3, S, S) uint8 pixels from :meth:`prepare` (normalised on the device) or float32
+        already ImageNet-normalised, B texts -> (prob (B, S, S) float32, attn (B, h, w) float32 | None)
         (+ no-target probability (B,) float32, None without the head, when ``return_no_target``). The
         probability map of a sample the no-target head calls empty is all zero."""
         import torch
 
-        from refseg.data.transforms import tokenize
+        from refseg.data.transforms import normalize_images, tokenize
 
         ids, am = tokenize(self.tokenizer, [str(t) for t in texts], self.max_tokens)
-        x = torch.from_numpy(np.ascontiguousarray(images, np.float32))
+        images = np.asarray(images)
+        x = torch.from_numpy(np.ascontiguousarray(images, None if images.dtype == np.uint8 else np.float32))
         if self.pin:
-            if self._staging is None or self._staging.shape != x.shape:
+            if self._staging is None or self._staging.shape != x.shape or self._staging.dtype != x.dtype:
                 self._staging = torch.empty(x.shape, dtype=x.dtype).pin_memory()
             # safe to reuse next call: the .cpu() of the outputs below waits for this copy's stream
             x = self._staging.copy_(x).to(self.device, non_blocking=True)
         else:
             x = x.to(self.device)
+        x = normalize_images(x)
         if self.cuda:
             x = x.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
         with torch.inference_mode():

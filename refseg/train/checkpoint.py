@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from refseg.config import Config, ConfigError, config_from_dict, load_yaml
-from refseg.config.schema import GENERALIZED_DATASETS
+from refseg.config.schema import selection_metric
 from refseg.io import read_bytes, resolve_path
 
 CKPT_TAG = "ckpt"
@@ -63,7 +63,7 @@ class RunState:
 def score_key(cfg: Config) -> str:
     """The validation metric that ranks a run's checkpoints (the best one becomes model.pt): ``val_ciou`` on
     generalized data (``data.dataset`` in GENERALIZED_DATASETS), else ``val_oiou``."""
-    return "val_ciou" if cfg.data.dataset in GENERALIZED_DATASETS else "val_oiou"
+    return selection_metric(cfg.data.dataset)
 
 
 def save_checkpoint(engine, directory: Path, cfg: Config, state: RunState, rank: int) -> None:

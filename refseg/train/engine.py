@@ -16,6 +16,7 @@ import torch
 
 from refseg.config import Config, ConfigError, DeepSpeedConfig, TrainConfig
 from refseg.config.validate import validate_deepspeed, validate_precision
+from refseg.data.transforms import normalize_images
 
 
 # ----------------------------------------------------------------------------- DeepSpeed config
@@ -184,10 +185,13 @@ def setup_engine(cfg: Config, total_steps: int, device: torch.device, init: Any 
 def to_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """Ray Data numpy/torch batch -> (image (B,3,S,S) channels_last, ids (B,L), attn (B,L), mask (B,S,S)).
 
-    channels_last images keep the convolutions' activations NHWC: cuDNN's bf16 kernels and oneDNN's
-    CPU kernels run faster on them (bench/gpu.py, bench/cpu_step.py); the values are the same."""
-    image = torch.as_tensor(batch["image"]).to(device, dtype=dtype, non_blocking=True)
-    image = image.contiguous(memory_format=torch.channels_last)
+    The uint8 pixels (and {0,1} uint8 mask) cross to the device as they are, a quarter of float32's
+    bytes, and are normalised there (:func:`~refseg.data.transforms.normalize_images`; a float image is
+    taken as normalised already); the image then gets ``dtype``, the mask float32. channels_last
+    images keep the convolutions' activations NHWC: cuDNN's bf16 kernels and oneDNN's CPU kernels run
+    faster on them (bench/gpu.py, bench/cpu_step.py); the values are the same."""
+    image = normalize_images(torch.as_tensor(batch["image"]).to(device, non_blocking=True))
+    image = image.to(dtype=dtype, memory_format=torch.channels_last)
     ids = torch.as_tensor(batch["input_ids"]).to(device, dtype=torch.long, non_blocking=True)
     attn = torch.as_tensor(batch["attention_mask"]).to(device, dtype=torch.long, non_blocking=True)
     mask = torch.as_tensor(batch["mask"]).to(device, dtype=torch.float32, non_blocking=True)
