@@ -7,8 +7,9 @@
 
 One forward + loss + backward of the preset's model (random weights of the real shapes: no downloads)
 runs on the CPU in float32 with ``--compute-batch`` samples (2: R101-BERT at 480 px takes seconds); every
-figure is per sample and is scaled to ``--batch``. Per module (the model's children two levels deep: ``vision.body.layer3``,
-``decoder.stages``, ``text.bert``, ...):
+figure is per sample and is scaled to ``--batch``. One row per module that ran, down to ``--depth``
+levels of names (3: ``vision.body.layer3``, ``decoder.stages.2``, ``text.bert.encoder``, ...), and a
+parent's own work beside its children as ``"<parent> (own)"``, so the rows add up to the totals:
 
 - ``fwd GFLOP``: ``torch.utils.flop_counter.FlopCounterMode``'s count of the module's forward (matrix
   products, convolutions, attention -- the count ``bench/gpu.py`` divides by the step time for MFU;
@@ -16,11 +17,11 @@ figure is per sample and is scaled to ``--batch``. Per module (the model's child
   The backward is given as a total only: PyTorch's module tracker charges backward ops to whichever
   module's backward hook fired last, so per-module backward figures would be wrong; a convolution's or
   a linear layer's backward costs twice its forward;
-- ``act MB``: bytes the module's forward saves for the backward pass (every tensor autograd packs,
+- ``act MiB``: bytes the module's forward saves for the backward pass (every tensor autograd packs,
   through ``torch.autograd.graph.saved_tensors_hooks``, each storage once, weights excluded, at
   ``--dtype``'s width, charged to the innermost listed module that was running), i.e. the activation
-  memory of a training step. A module with many saved bytes per
-  FLOP is bandwidth-bound on a GPU (norms, upsampling, high-resolution decoder stages);
+  memory of a training step. A module with many saved bytes per FLOP (``FLOP/byte``) is
+  bandwidth-bound on a GPU (norms, upsampling, high-resolution decoder stages);
 - ``out res``: the spatial size of the module's (first) output, which says which stride it runs at.
 
 Totals are per step (``--batch`` samples) and per sample. Numbers are exact for the given shapes; they
@@ -92,9 +93,21 @@ def account(model, image, ids, attn, mask, depth: int, act_bytes: int) -> tuple[
     return dict(rows), fwd, bwd, total_saved
 
 
-def leaves(rows: dict[str, dict]) -> list[str]:
-    """Module names with no listed child (their figures do not include another listed row's)."""
-    return [n for n in rows if not any(o != n and o.startswith(n + ".") for o in rows)]
+def own_rows(rows: dict[str, dict]) -> dict[str, dict]:
+    """Rows that do not overlap: every leaf module as it is, and a parent's own work (its FLOPs minus its
+    listed children's -- FlopCounterMode counts a module with its children; the saved bytes were charged
+    to the innermost module already) as ``"<parent> (own)"`` when it has any. They add up to the totals."""
+    out = {}
+    for name, r in rows.items():
+        inside = [o for o in rows if o.startswith(name + ".")]  # (containers that never ran have no row)
+        kids = [o for o in inside if not any(o.startswith(p + ".") for p in inside)]
+        if not kids:
+            out[name] = r
+            continue
+        own = {**r, "fwd_flop": r["fwd_flop"] - sum(rows[k]["fwd_flop"] for k in kids)}
+        if own["fwd_flop"] > 0 or own["saved_bytes"] > 0:
+            out[f"{name} (own)"] = own
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -143,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{(fwd + bwd) / a.batch / 1e9:.2f} GFLOP, {saved / a.batch / 2**20:.1f} MiB")
     print(f"{'module':34s} {'out res':>9s} {'fwd GFLOP':>10s} {'fwd %':>6s} {'act MiB':>9s} "
           f"{'act %':>6s} {'FLOP/byte':>9s}")
-    order = sorted(leaves(rows), key=lambda n: -(rows[n]["saved_bytes"] + 1e-9 * rows[n]["fwd_flop"]))
+    rows = own_rows(rows)
+    order = sorted(rows, key=lambda n: -(rows[n]["saved_bytes"] + 1e-9 * rows[n]["fwd_flop"]))
     for n in order:
         r = rows[n]
         flop = r["fwd_flop"]

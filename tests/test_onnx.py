@@ -69,3 +69,36 @@ def test_bad_opset_is_a_usage_error(exported, tmp_path):
 
     ckpt, _ = exported
     assert main(["export-onnx", "--checkpoint", str(ckpt), "--out", str(tmp_path / "m.onnx"), "--opset", "5"]) == 2
+
+
+def test_no_target_head_is_a_second_output(tmp_path):
+    """A gRefCOCO model's graph also returns the no-target logit, equal to PyTorch's; its threshold is in the
+    metadata (a runtime that dropped it would segment "the purple star" where there is none)."""
+    import torch
+
+    from refseg.cli import main
+    from refseg.config import config_from_dict
+    from refseg.infer import Predictor
+    from refseg.infer.export import INPUTS, sample_inputs
+    from refseg.models import build_model
+    from refseg.models.export import save_model
+
+    cfg = config_from_dict({"model": {"preset": "tiny", "no_target_head": True, "no_target_threshold": 0.3},
+                            "data": {"image_size": IMAGE_SIZE}})
+    torch.manual_seed(1)
+    model = build_model(cfg.model, pretrained=False).eval()
+    model.no_target.mlp[2].weight.data *= 50  # spread the probabilities: a wrong output would show
+    ckpt = save_model(tmp_path / "model.pt", model, cfg.to_dict())
+    out = tmp_path / "gres.onnx"
+    assert main(["export-onnx", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    meta = json.loads(Path(f"{out}.json").read_text())
+    assert meta["outputs"]["no_target_logit"] == ["batch"] and meta["no_target_threshold"] == 0.3
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["logits", "no_target_logit"]
+    feed = sample_inputs(Predictor.from_checkpoint(ckpt), 3, seed=5)
+    logits, no_target = sess.run(["logits", "no_target_logit"], feed)
+    with torch.inference_mode():
+        want = model(*(torch.from_numpy(feed[k]) for k in INPUTS))
+    assert no_target.shape == (3,) and logits.shape == (3, 1, IMAGE_SIZE, IMAGE_SIZE)
+    assert np.abs(_sigmoid(no_target) - _sigmoid(want["no_target_logit"].numpy())).max() < 1e-3
+    assert np.ptp(_sigmoid(no_target)) > 0.05  # the samples differ: the check above compares real values

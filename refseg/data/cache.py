@@ -8,7 +8,7 @@
 the ref's usable sentences (the shuffle_expressions override already applied) and its ``no_target``
 flag. Bad samples are dropped and counted here, once per run instead of once per epoch. Without augmentation (evaluation)
 the pixels are the content resized to the model's geometry (``resize_geometry``: bilinear image,
-nearest mask), so ``preprocess`` only normalises and pads and the samples are bit-identical to the
+nearest mask), so ``preprocess`` only lays the pixels out channel-first and pads, and the samples are bit-identical to the
 uncached path. Augmented training keeps the original pixels: augmentation and resizing then run
 exactly as when streaming (augmenting the already-resized content loses small objects' edges).
 
@@ -72,7 +72,7 @@ def cache_batch(batch: dict, opts: SampleOptions, collector: Any = None) -> dict
         except SkipSample as e:
             dropped.add(e.reason, e.detail, 1 if opts.train else len(good))
             continue
-        if not original:  # the content at the model's geometry: preprocess then only normalises and pads
+        if not original:  # the content at the model's geometry: preprocess then only lays out and pads
             rh, rw = resize_geometry(oh, ow, size, opts.keep_aspect)
             image, mask = resize_to(image, rh, rw, Image.BILINEAR), resize_to(mask, rh, rw, Image.NEAREST)
         for key, value in (("ref_id", ref_id), ("sent_ids", [s for s, _ in good]),

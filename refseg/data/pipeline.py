@@ -3,8 +3,8 @@
     report = SkipReport()
     train = build_dataset(cfg.data, "train", train=True, tokenizer=tokenizer, report=report)
     for batch in train.iter_torch_batches(batch_size=16):
-        batch["image"]  # (B, 3, S, S) float32, ImageNet-normalised
-        batch["mask"]   # (B, S, S) float32 {0, 1}; input_ids / attention_mask (B, L) int64
+        batch["image"]  # (B, 3, S, S) uint8 pixels (refseg.data.transforms.normalize_images on the device)
+        batch["mask"]   # (B, S, S) uint8 {0, 1}; input_ids / attention_mask (B, L) int64
     print(report.summary())  # samples skipped while listing and inside the Ray tasks
 
 Rows before decoding are one per ref (its image, mask and list of sentences), in small blocks.

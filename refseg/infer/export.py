@@ -3,8 +3,9 @@
     info = export_onnx("runs/debug/model.pt", "model.onnx")   # info["max_abs_diff"] < 1e-3
 
 Graph: inputs ``image`` float32 (B, 3, S, S) ImageNet-normalised, ``input_ids`` int64 (B, L) and
-``attention_mask`` int64 (B, L) (right-padded, L = data.max_tokens) -> ``logits`` float32 (B, 1, S, S);
-B is dynamic, S (data.image_size) and L are fixed by the checkpoint. ``<out>.json`` records S, L,
+``attention_mask`` int64 (B, L) (right-padded, L = data.max_tokens) -> ``logits`` float32 (B, 1, S, S)
+(+ ``no_target_logit`` float32 (B,) for a model with the no-target head: sigmoid > the threshold in
+``<out>.json`` = nothing is referred, the mask is empty); B is dynamic, S (data.image_size) and L are fixed by the checkpoint. ``<out>.json`` records S, L,
 keep_aspect, the tokenizer source and the normalisation, i.e. everything a runtime needs.
 Uses the TorchScript exporter (``dynamo=False``), which handles the packed BiLSTM.
 """
@@ -30,9 +31,16 @@ TOLERANCE = 1e-3  # max |p_onnx - p_torch| over probabilities
 SAMPLE_TEXTS = ("the red circle on the left", "a small blue square", "biggest shape", "the one in the middle")
 
 
+def output_names(model: Any) -> tuple[str, ...]:
+    """The graph's outputs: ``logits``, and ``no_target_logit`` when the model has the no-target head."""
+    return ("logits", "no_target_logit") if getattr(model, "no_target", None) is not None else ("logits",)
+
+
 def _logits_module(model: Any) -> Any:
-    """(image, input_ids, attention_mask) -> logits, as an nn.Module in eval mode."""
+    """(image, input_ids, attention_mask) -> the tensors of :func:`output_names`, as an nn.Module in eval mode."""
     import torch
+
+    names = output_names(model)
 
     class LogitsOnly(torch.nn.Module):
         def __init__(self, m: Any) -> None:
@@ -40,14 +48,16 @@ def _logits_module(model: Any) -> Any:
             self.m = m
 
         def forward(self, image: Any, input_ids: Any, attention_mask: Any) -> Any:
-            return self.m(image, input_ids, attention_mask)["logits"]
+            out = self.m(image, input_ids, attention_mask)
+            return tuple(out[k] for k in names)
 
     # eval() on the WRAPPER too: the exporter restores the wrapper's mode afterwards, and a fresh module
     # is in training mode, which would switch dropout / batch-norm training on inside `model`.
     return LogitsOnly(model).eval()
 
 
-def _inputs(predictor: Predictor, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+def sample_inputs(predictor: Predictor, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random normalised images and tokenised sample texts: the feed of the graph for ``batch`` samples."""
     rng = np.random.default_rng(seed)
     s = predictor.image_size
     texts = [SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)] for i in range(batch)]
@@ -60,21 +70,24 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def verify_onnx(path: str | os.PathLike, predictor: Predictor, batches: tuple[int, ...] = (2, 1, 3)) -> float:
-    """Max |sigmoid(onnx logits) - sigmoid(torch logits)| over random images of each batch size."""
+    """Max |sigmoid(onnx output) - sigmoid(torch output)| over random images of each batch size and every
+    output (the mask logits, and the no-target logit when the model has the head)."""
     import onnxruntime as ort
     import torch
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     model = predictor.model.float().cpu().eval()
+    names = output_names(model)
     worst = 0.0
     for i, b in enumerate(batches):
-        feed = _inputs(predictor, b, seed=i)
+        feed = sample_inputs(predictor, b, seed=i)
         with torch.inference_mode():
-            ref = model(*(torch.from_numpy(feed[k]) for k in INPUTS))["logits"].numpy()
-        (got,) = sess.run(["logits"], feed)
-        if got.shape != ref.shape:
-            raise RuntimeError(f"ONNX output shape {got.shape} != PyTorch {ref.shape} at batch {b}")
-        worst = max(worst, float(np.abs(_sigmoid(got) - _sigmoid(ref)).max()))
+            out = model(*(torch.from_numpy(feed[k]) for k in INPUTS))
+        for name, got in zip(names, sess.run(list(names), feed)):
+            ref = out[name].numpy()
+            if got.shape != ref.shape:
+                raise RuntimeError(f"ONNX output {name} shape {got.shape} != PyTorch {ref.shape} at batch {b}")
+            worst = max(worst, float(np.abs(_sigmoid(got) - _sigmoid(ref)).max()))
     return worst
 
 
@@ -90,13 +103,14 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: in
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     wrapper = _logits_module(predictor.model.float().eval())
-    feed = _inputs(predictor, 2)
-    dyn = {k: {0: "batch"} for k in (*INPUTS, "logits")}
+    names = output_names(predictor.model)
+    feed = sample_inputs(predictor, 2)
+    dyn = {k: {0: "batch"} for k in (*INPUTS, *names)}
     try:
         with atomic_path(out) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer chatter (shape asserts on fixed S / L)
             torch.onnx.export(wrapper, tuple(torch.from_numpy(feed[k]) for k in INPUTS), str(tmp),
-                              input_names=list(INPUTS), output_names=["logits"], dynamic_axes=dyn,
+                              input_names=list(INPUTS), output_names=list(names), dynamic_axes=dyn,
                               opset_version=opset, dynamo=False)
     except Exception as e:
         raise RuntimeError(f"ONNX export of '{checkpoint}' failed ({type(e).__name__}: {e})") from e
@@ -105,11 +119,16 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: in
     text = cfg.model.text
     meta = {"inputs": {"image": ["batch", 3, predictor.image_size, predictor.image_size],
                        "input_ids": ["batch", predictor.max_tokens], "attention_mask": ["batch", predictor.max_tokens]},
-            "outputs": {"logits": ["batch", 1, predictor.image_size, predictor.image_size]},
+            "outputs": {"logits": ["batch", 1, predictor.image_size, predictor.image_size],
+                        **({"no_target_logit": ["batch"]} if "no_target_logit" in names else {})},
             "image_size": predictor.image_size, "keep_aspect": predictor.keep_aspect,
             "max_tokens": predictor.max_tokens, "tokenizer": text.tokenizer or text.encoder,
             "mean": [round(float(v), 6) for v in IMAGENET_MEAN], "std": [round(float(v), 6) for v in IMAGENET_STD], "opset": opset,
             "threshold_note": "mask = sigmoid(logits) > 0.5, warped back to the original size bilinearly"}
+    if "no_target_logit" in names:
+        meta["no_target_threshold"] = predictor.no_target_threshold
+        meta["no_target_note"] = ("sigmoid(no_target_logit) > no_target_threshold: the expression refers to "
+                                  "nothing; the mask is empty")
     info = {"path": str(out), "opset": opset, "image_size": predictor.image_size, "max_tokens": predictor.max_tokens}
     if verify:
         info["max_abs_diff"] = verify_onnx(out, predictor)
