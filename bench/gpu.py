@@ -17,8 +17,10 @@ ids come from the bundled tiny vocabulary, 20 tokens per sentence as in configs/
   ``loop.pick_device`` sets it) and ``plain`` (contiguous NCHW input, autotuning off). FLOPs per step
   come from ``torch.utils.flop_counter.FlopCounterMode`` over one forward + backward (matrix products,
   convolutions and attention; elementwise work is not counted, so MFU is a slight underestimate).
-- ``infer``: ``Predictor.forward`` (host float32 images + sentences in, host probabilities out: what
-  every ``refseg evaluate`` / ``refseg segment`` actor runs) and the bare model on device tensors,
+- ``infer``: ``Predictor.forward`` (host uint8 images + sentences in, normalised on the device, host
+  probabilities out: what every ``refseg evaluate`` / ``refseg segment`` actor runs; beside it
+  ``predictor_float32_input``, the host-normalised float32 input of the code before issue 25) and the
+  bare model on device tensors,
   bf16 autocast; with ``--compile`` also ``torch.compile`` of the bare model and the compiled predictor
   (``refseg evaluate/segment --compile``).
 - ``ray``: ``refseg.train.run_training`` with ``train.use_gpu=true`` (1 worker, NCCL, Ray Data
@@ -86,7 +88,7 @@ def timed(fn, device, warmup: int, iters: int) -> float:
 
 
 def fake_batch(cfg, batch: int, seed: int = 0) -> dict:
-    """A numpy batch shaped like the trainer's: image (B,3,S,S) float32, ids/attn (B,L), mask (B,S,S)."""
+    """A numpy batch shaped like the trainer's: image (B,3,S,S) uint8 pixels, ids/attn (B,L), mask (B,S,S) uint8."""
     import numpy as np
 
     from refseg.data.transforms import tokenize
@@ -96,9 +98,9 @@ def fake_batch(cfg, batch: int, seed: int = 0) -> dict:
     S = cfg.data.image_size
     ids, attn = tokenize(load_tokenizer(cfg.model.text), [SENTENCES[i % len(SENTENCES)] for i in range(batch)],
                          cfg.data.max_tokens)
-    mask = np.zeros((batch, S, S), np.float32)
-    mask[:, S // 4: S // 2, S // 3: 2 * S // 3] = 1.0
-    return {"image": rng.standard_normal((batch, 3, S, S), dtype=np.float32), "input_ids": ids,
+    mask = np.zeros((batch, S, S), np.uint8)
+    mask[:, S // 4: S // 2, S // 3: 2 * S // 3] = 1
+    return {"image": rng.integers(0, 256, (batch, 3, S, S), dtype=np.uint8), "input_ids": ids,
             "attention_mask": attn, "mask": mask}
 
 
@@ -196,6 +198,7 @@ def infer_part(cfg, a, device) -> dict:
 
     import torch
 
+    from refseg.data.transforms import normalize_images
     from refseg.infer.predictor import Predictor
     from refseg.models import build_model, load_tokenizer
 
@@ -208,12 +211,16 @@ def infer_part(cfg, a, device) -> dict:
     out = {}
     dt = timed(lambda: pred.forward(batch["image"], texts), device, 2, a.infer_iters)
     out["predictor"] = {"batch_ms": dt * 1e3, "images_per_s": a.infer_batch / dt}
+    # the predictor before issue 25: float32 images normalised on the host (4x the bytes to the device)
+    host_float = normalize_images(torch.from_numpy(batch["image"])).numpy()
+    dt = timed(lambda: pred.forward(host_float, texts), device, 2, a.infer_iters)
+    out["predictor_float32_input"] = {"batch_ms": dt * 1e3, "images_per_s": a.infer_batch / dt}
     if device.type == "cuda":  # the same without the pinned staging buffer (the predictor before session 5)
         pred.pin = False
         dt = timed(lambda: pred.forward(batch["image"], texts), device, 2, a.infer_iters)
         out["predictor_pageable"] = {"batch_ms": dt * 1e3, "images_per_s": a.infer_batch / dt}
         pred.pin = True
-    x = torch.as_tensor(batch["image"]).to(device)
+    x = normalize_images(torch.as_tensor(batch["image"]).to(device))
     if device.type == "cuda":
         x = x.to(memory_format=torch.channels_last)
     xb = x.to(next(pred.model.parameters()).dtype)  # what Predictor.forward feeds its model
@@ -229,11 +236,11 @@ def infer_part(cfg, a, device) -> dict:
     dt = timed(bare(pred.model, xb), device, 2, a.infer_iters)
     out["model"] = {"batch_ms": dt * 1e3, "images_per_s": a.infer_batch / dt}
     if device.type == "cuda":
-        # where the predictor's time goes: the host -> device copy of the float32 batch
-        dt = timed(lambda: torch.from_numpy(batch["image"]).to(device), device, 1, a.infer_iters)
+        # where the predictor's time went before issue 25: the host -> device copy of the float32 batch
+        dt = timed(lambda: torch.from_numpy(host_float).to(device), device, 1, a.infer_iters)
         out["h2d_copy"] = {"batch_ms": dt * 1e3, "images_per_s": a.infer_batch / dt}
         # alternatives for that copy: pinned staging, bf16 made on the host, uint8 pixels (4x fewer bytes)
-        host = torch.from_numpy(batch["image"])
+        host = torch.from_numpy(host_float)
         pinned = torch.empty_like(host).pin_memory()
         u8 = torch.zeros(host.shape, dtype=torch.uint8)
         for name, fn in (("h2d_pinned", lambda: pinned.copy_(host).to(device, non_blocking=True)),

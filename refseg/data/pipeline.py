@@ -157,12 +157,14 @@ def _default_workers() -> int | None:
 
 def _map_batch_rows(image_size: int, train: bool = True, num_refs: int | None = None,
                     workers: int | None = None) -> int:
-    """Refs per map task (= per input block): ~96 MB of decoded output, 8..128 refs.
+    """Refs per map task (= per input block): ~96 MB of float32-sized output, 8..128 refs.
 
     Each Ray Data task has a fixed scheduling cost, so tasks hold as many refs as that memory allows.
     Evaluation emits ~3 samples per ref; small splits are cut into at least two tasks per worker so
     every CPU gets work."""
-    per_sample = image_size * image_size * 16 * (1 if train else 3)  # float32 image + mask bytes
+    # sized as float32 image + mask (16 bytes per pixel) although samples are uint8 now (4): the task
+    # size the data pipeline benchmark measured (BENCHMARKS.md, "Data pipeline")
+    per_sample = image_size * image_size * 16 * (1 if train else 3)
     rows = int(max(8, min(128, 96e6 // per_sample)))
     if num_refs is not None:
         rows = min(rows, max(1, -(-num_refs // (2 * (workers or 2)))))
