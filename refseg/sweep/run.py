@@ -49,8 +49,8 @@ def _absolute_paths(base: dict) -> dict:
 
 
 def make_tuner(trainable: Any, space: dict, cfg: Config, state: SweepState) -> Any:
-    """The ``tune.Tuner`` of a new sweep: ``cfg.tune``'s scheduler and search, at most
-    ``state.max_concurrent`` trials at once, trial dirs named by trial id."""
+    """The ``tune.Tuner`` of a new sweep: ``cfg.tune``'s scheduler and search on ``state.metric`` (the
+    resolved ``tune.metric``), at most ``state.max_concurrent`` trials at once, trial dirs named by trial id."""
     from ray import tune
 
     t = cfg.tune
@@ -74,7 +74,7 @@ def make_tuner(trainable: Any, space: dict, cfg: Config, state: SweepState) -> A
         trainable,
         param_space=tune_domains(space),
         tune_config=tune.TuneConfig(
-            metric=t.metric, mode=t.mode, num_samples=state.num_samples, scheduler=scheduler,
+            metric=state.metric, mode=t.mode, num_samples=state.num_samples, scheduler=scheduler,
             search_alg=search, max_concurrent_trials=limit, reuse_actors=False,
             trial_dirname_creator=trial_dirname,
         ),
