@@ -127,14 +127,15 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from bench.offline import offline_preset
+    from refseg.config import parse_override
     from refseg.models import build_model
 
     model_cfg = offline_preset(a.preset)
-    for o in a.overrides:  # model.* settings on top of the offline preset
-        key, _, value = o.partition("=")
-        if not key.startswith("model.") or not value:
+    for o in a.overrides:  # model.* settings on top of the offline preset, parsed as `refseg train` parses them
+        path, value = parse_override(o)
+        if path[0] != "model" or len(path) < 2:
             sys.exit(f"bench/flops.py: override {o!r} is not model.<setting>=<value>")
-        _set(model_cfg, key.removeprefix("model.").split("."), _parse(value))
+        _set(model_cfg, path[1:], value)
     torch.manual_seed(0)
     model = build_model(model_cfg, pretrained=False).train()
     n = a.compute_batch
@@ -172,12 +173,6 @@ def main(argv: list[str] | None = None) -> dict:
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     return out
-
-
-def _parse(value: str):
-    import yaml
-
-    return yaml.safe_load(value)
 
 
 def _set(obj, path: list[str], value) -> None:
