@@ -211,6 +211,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
 
+    def tune_metric(self) -> str:
+        """The metric a sweep ranks trials on: ``tune.metric``, or when unset the run's checkpoint metric
+        (:func:`selection_metric` of ``data.dataset``)."""
+        return self.tune.metric or selection_metric(self.data.dataset)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

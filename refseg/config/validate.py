@@ -154,7 +154,7 @@ def validate_sweep(cfg: Config) -> None:
     if not isinstance(cfg.train.num_workers, int):
         raise ConfigError(f"train.num_workers={cfg.train.num_workers}: a sweep's trials need a fixed worker count "
                           "(each trial holds its resources for its life); set one number")
-    metric = t.metric or selection_metric(cfg.data.dataset)
+    metric = cfg.tune_metric()
     generalized = cfg.data.dataset in GENERALIZED_DATASETS
     if metric in (CLASSIC_ONLY_METRICS if generalized else GENERALIZED_ONLY_METRICS):
         valid = GENERALIZED_ONLY_METRICS if generalized else CLASSIC_ONLY_METRICS

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from refseg.config import Config, ConfigError, deep_copy, fix_floats
-from refseg.config.schema import selection_metric
 from refseg.config.validate import validate_sweep
 from refseg.runtime import init_ray, verbose
 from refseg.sweep.outputs import SWEEP_FILE, SweepState, write_sweep_outputs
@@ -142,7 +141,6 @@ def run_sweep(base: dict, space_data: Any, output_dir: str | Path, *, num_sample
     base = _absolute_paths(base)
     space = parse_space(space_data, base, where=space_name)
     cfg = trial_config(base, {})
-    cfg.tune.metric = cfg.tune.metric or selection_metric(cfg.data.dataset)  # null: the checkpoint metric
     num_samples = cfg.tune.num_samples if num_samples is None else num_samples
     if num_samples < 1:
         raise ConfigError(f"--num-samples / tune.num_samples must be at least 1, got {num_samples}")
@@ -155,7 +153,7 @@ def run_sweep(base: dict, space_data: Any, output_dir: str | Path, *, num_sample
     experiment = (f"{cfg.train.storage_path.rstrip('/')}/tune-{time.strftime('%Y%m%d-%H%M%S')}"
                   if cfg.train.storage_path else str(out / "tune"))
     state = SweepState(base=base, space=fix_floats(space_data), output_dir=str(out), experiment_path=experiment,
-                       metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=num_samples,
+                       metric=cfg.tune_metric(), mode=cfg.tune.mode, num_samples=num_samples,
                        max_concurrent=concurrent, per_trial=need, scheduler=cfg.tune.scheduler)
     out.mkdir(parents=True, exist_ok=True)
     state.save()
