@@ -278,10 +278,15 @@ def test_elastic_run_shrinks_when_a_node_dies_and_grows_back(cluster_root, synth
         assert all(h["samples"] == 2 * 8 for h in history), [h["samples"] for h in history]
         workers = [h["workers"] for h in history]
         assert workers[0] == 2 and 1 in workers and workers[-1] == 2, workers
-        # the run went on from its checkpoint: the first epoch at 1 worker starts where epoch 1 had got to
+        # the run went on from its checkpoint: the first epoch at 1 worker starts at the step the last
+        # 2-worker checkpoint had reached, and the run learned across both resizes. (One epoch here is 2
+        # steps: the loss of the epoch right after the resize against epoch 1 is within the step-to-step
+        # noise, so the check compares the run's ends, 60 epochs apart.)
         shrunk = workers.index(1)
         assert summary["resizes"][0]["epoch"] == shrunk and summary["resizes"][0]["step"] == 2 * shrunk
-        assert history[shrunk]["loss"] < history[0]["loss"], [h["loss"] for h in history]
+        losses = [h["loss"] for h in history]
+        print("elastic losses:", [round(x, 4) for x in losses])
+        assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.01, losses
         # validation scored every val sentence once at each size
         assert len({h["val_samples"] for h in history}) == 1
     finally:
