@@ -11,6 +11,7 @@ refs of a synthetic refer-format set with COCO-like image sides (320-640 px):
       ``--variants`` also times other task settings (more tasks, CPUs per task);
   (b) ``torch.utils.data.DataLoader(num_workers=2, persistent_workers=True)``, one batch of 32 refs per item;
   (c) one process, one core: a plain loop calling the same function.
+(a) is also timed with the task size used before session 14 (``data.map_batch_rows`` set to it).
 (a) and (b) alternate for ``--rounds`` rounds of ``--epochs`` epochs after one warm-up epoch each (which
 pays worker start-up, printed apart); the best round is kept, so load from other processes on the
 machine hits both alike. Sizes >= 256 use the first ``--max-refs-480`` refs (time budget).
@@ -21,6 +22,7 @@ understate it. The last line is ``... ratio=<Ray Data / DataLoader>`` at the fir
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -77,6 +79,13 @@ def rate(make_iter, epochs: int) -> float:
     for _ in range(epochs):
         total += sum(len(b["ref_id"]) for b in make_iter())
     return total / (time.perf_counter() - t0)
+
+
+def _rows(cfg, num_refs: int) -> int:
+    """Refs per map task that build_dataset chooses for ``cfg`` on this 2-CPU cluster."""
+    from refseg.data.pipeline import _map_batch_rows
+
+    return _map_batch_rows(cfg.image_size, True, num_refs, 2, cfg.map_batch_rows)
 
 
 def single_core(data_cfg, tokenizer, rows: int) -> float:
@@ -140,15 +149,25 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         assert sum(len(b["ref_id"]) for b in ray_iter()) == n
         ray_first = time.perf_counter() - t0
-        dl, rd = [], []
-        for _ in range(args.rounds):  # alternate, so load from other processes hits both alike
+        # the task size before session 14 (sized as if samples were float32: 16 bytes per pixel, <= 128 refs)
+        old_rows = int(min(max(8, min(128, 96e6 // (size * size * 16))), -(-n // 4)))
+        old_cfg = dataclasses.replace(cfg, map_batch_rows=old_rows)
+        ds_old = build_dataset(old_cfg, "train", train=True, tokenizer=tokenizer)
+        old_iter = lambda ds_old=ds_old: ds_old.iter_torch_batches(batch_size=args.batch_size, prefetch_batches=2)
+        assert sum(len(b["ref_id"]) for b in old_iter()) == n  # warm-up
+        dl, rd, ro = [], [], []
+        for _ in range(args.rounds):  # alternate, so load from other processes hits all alike
             dl.append(rate(lambda loader=loader: iter(loader), args.epochs))
             rd.append(rate(ray_iter, args.epochs))
+            ro.append(rate(old_iter, args.epochs))
         print(f"[S={size}] {n} samples/epoch; first epoch (start-up included): DataLoader {dl_first:.1f}s, "
               f"Ray Data {ray_first:.1f}s")
         print(f"[S={size}] (c) single core loop:            {single:6.0f} samples/s")
         print(f"[S={size}] (b) DataLoader(num_workers=2):   {max(dl):6.0f} samples/s  rounds {[round(x) for x in dl]}")
-        print(f"[S={size}] (a) Ray Data (default, tasks):   {max(rd):6.0f} samples/s  rounds {[round(x) for x in rd]}")
+        print(f"[S={size}] (a) Ray Data (default, tasks):   {max(rd):6.0f} samples/s  rounds {[round(x) for x in rd]}"
+              f"  ({_rows(cfg, n)} refs per task)")
+        print(f"[S={size}]     Ray Data, {old_rows}-ref tasks (before): {max(ro):6.0f} samples/s  rounds "
+              f"{[round(x) for x in ro]}  (default / before = {max(rd) / max(ro):.2f})")
         del loader
         if args.variants:
             for cpus, workers in ((0.5, 4), (1.0, 2)):

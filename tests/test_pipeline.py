@@ -121,6 +121,31 @@ def test_max_samples_caps_rows(ray_session, synthetic_root):
     assert build_dataset(cfg, "train", train=True, tokenizer=TOK).count() == 7
 
 
+def test_map_batch_rows_sets_the_refs_per_map_task(ray_session, synthetic_root):
+    """data.map_batch_rows: every map task (one output block each) holds that many refs, the last the rest;
+    the samples are the same as with the automatic size. Automatic: ~96 MB of uint8 output per task."""
+    from refseg.config import ConfigError
+    from refseg.config.validate import validate_data
+    from refseg.data.pipeline import _map_batch_rows
+
+    n = len(load_split_refs(synthetic_root, "refcoco", "unc", "val"))
+    fixed = build_dataset(data_cfg(synthetic_root, map_batch_rows=5), "val", train=False, tokenizer=TOK)
+    refs_per_block = [len(set(np.asarray(b["ref_id"]).tolist()))
+                      for b in fixed.iter_batches(batch_size=None, batch_format="numpy")]
+    assert sorted(refs_per_block, reverse=True) == [5] * (n // 5) + ([n % 5] if n % 5 else []), refs_per_block
+    auto = build_dataset(data_cfg(synthetic_root), "val", train=False, tokenizer=TOK)
+    assert collect(fixed).keys() == collect(auto).keys()
+    # 480 px training: 104 refs x (480 x 480 x 4 bytes) = 95.8 MB; evaluation (~3 samples per ref) a third
+    assert _map_batch_rows(480) == 104 and _map_batch_rows(480, train=False) == 34
+    assert _map_batch_rows(96) == 256 and _map_batch_rows(480, num_refs=100, workers=2) == 25
+    try:
+        validate_data(data_cfg(synthetic_root, map_batch_rows=0))
+    except ConfigError as e:
+        assert str(e).startswith("data.map_batch_rows must be at least 1 ref per map task, got 0")
+    else:
+        raise AssertionError("map_batch_rows=0 was accepted")
+
+
 def test_augmented_training_batches_stay_valid(ray_session, synthetic_root):
     cfg = data_cfg(synthetic_root, augment=True, hflip_prob=1.0, max_samples=16)
     rows = build_dataset(cfg, "train", train=True, tokenizer=TOK).take_all()

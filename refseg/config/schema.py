@@ -121,6 +121,8 @@ class DataConfig:
     max_samples: int | None = None  # cap per split (quick runs)
     num_read_tasks: int | None = None  # Ray Data parallelism of the decode/transform stage
     map_cpus: float = 0.5  # CPUs reserved per Ray Data map task
+    # refs per Ray Data map task; null = sized by the decoded output (~96 MB, 8-256 refs; README "Data")
+    map_batch_rows: int | None = None
     # decode every ref once into the object store; training workers then keep their shard in memory and
     # only draw, augment and tokenise per epoch: for small sets (4 B/pixel/ref; see refseg.data.cache)
     cache: bool = False

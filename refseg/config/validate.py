@@ -122,7 +122,7 @@ def validate_model(model: ModelConfig) -> None:
 
 
 def validate_data(data: DataConfig) -> None:
-    """data.source and the path it needs, data.min_scale, data.hflip_prob, grefcoco's split_by."""
+    """data.source and the path it needs, data.min_scale, data.hflip_prob, data.map_batch_rows, grefcoco's split_by."""
     if data.source not in SOURCES:
         raise ConfigError(f"data.source '{data.source}' is not one of refer | parquet | manifest")
     if data.source == "parquet" and not data.parquet:
@@ -134,6 +134,9 @@ def validate_data(data: DataConfig) -> None:
                           f"got {data.min_scale}; 1 turns the zoom-out off")
     if not 0.0 <= data.hflip_prob <= 1.0:
         raise ConfigError(f"data.hflip_prob must lie in [0, 1], got {data.hflip_prob}")
+    if data.map_batch_rows is not None and data.map_batch_rows < 1:
+        raise ConfigError(f"data.map_batch_rows must be at least 1 ref per map task, got {data.map_batch_rows}; "
+                          "leave it unset (null) to size the tasks by their decoded output")
     if data.dataset == "grefcoco" and data.split_by != "unc":
         raise ConfigError(f"data.dataset=grefcoco is split by 'unc' only, got data.split_by={data.split_by!r}")
 

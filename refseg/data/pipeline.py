@@ -156,16 +156,20 @@ def _default_workers() -> int | None:
 
 
 def _map_batch_rows(image_size: int, train: bool = True, num_refs: int | None = None,
-                    workers: int | None = None) -> int:
-    """Refs per map task (= per input block): ~96 MB of float32-sized output, 8..128 refs.
+                    workers: int | None = None, fixed: int | None = None) -> int:
+    """Refs per map task (= per input block): ``fixed`` (data.map_batch_rows) when set, else ~96 MB of
+    decoded uint8 output (3 bytes of image + 1 of mask per pixel), 8..256 refs.
 
-    Each Ray Data task has a fixed scheduling cost, so tasks hold as many refs as that memory allows.
-    Evaluation emits ~3 samples per ref; small splits are cut into at least two tasks per worker so
-    every CPU gets work."""
-    # sized as float32 image + mask (16 bytes per pixel) although samples are uint8 now (4): the task
-    # size the data pipeline benchmark measured (BENCHMARKS.md, "Data pipeline")
-    per_sample = image_size * image_size * 16 * (1 if train else 3)
-    rows = int(max(8, min(128, 96e6 // per_sample)))
+    Between two tasks on a worker Ray Data's streaming executor leaves ~0.15-0.2 s idle (it notices a
+    finished task at its next 0.1 s ``ray.wait`` poll and only then submits the next one,
+    ray-project/ray#42377), so tasks hold as much work as that memory allows: 26-ref tasks at 480 px kept
+    the map workers busy ~60 % of the time (BENCHMARKS.md, "Data pipeline", session 14). Evaluation
+    emits ~3 samples per ref; small splits are cut into at least two tasks per worker so every CPU gets
+    work."""
+    if fixed is not None:
+        return fixed
+    per_sample = image_size * image_size * 4 * (1 if train else 3)
+    rows = int(max(8, min(256, 96e6 // per_sample)))
     if num_refs is not None:
         rows = min(rows, max(1, -(-num_refs // (2 * (workers or 2)))))
     return rows
@@ -207,7 +211,7 @@ def _listed_rows(data_cfg: DataConfig, split: str, train: bool, seed: int, shard
     if train:  # mix refs across blocks once; block order is re-drawn every epoch
         refs = [refs[i] for i in np.random.default_rng(seed).permutation(len(refs))]
     table = refs_table(refs)
-    rows = _map_batch_rows(data_cfg.image_size, train, table.num_rows, workers)
+    rows = _map_batch_rows(data_cfg.image_size, train, table.num_rows, workers, data_cfg.map_batch_rows)
     ds = ray.data.from_arrow([table.slice(i, rows) for i in range(0, table.num_rows, rows)] or [table])
 
     def cache_size(original: bool) -> tuple[int, float | None]:
@@ -262,7 +266,7 @@ def build_dataset(
         raise ValueError("cache_rows=True needs data.cache=true")
     seed = 0 if seed is None else seed
     workers = data_cfg.num_read_tasks or _default_workers()
-    rows = _map_batch_rows(data_cfg.image_size, train)
+    rows = _map_batch_rows(data_cfg.image_size, train, fixed=data_cfg.map_batch_rows)
     override = None
     if data_cfg.source == "parquet":
         ds, override, cache_size = _parquet_rows(data_cfg, split, train, seed, shard)
