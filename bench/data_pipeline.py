@@ -83,9 +83,9 @@ def rate(make_iter, epochs: int) -> float:
 
 def _rows(cfg, num_refs: int) -> int:
     """Refs per map task that build_dataset chooses for ``cfg`` on this 2-CPU cluster."""
-    from refseg.data.pipeline import _map_batch_rows
+    from refseg.data.pipeline import refs_per_map_task
 
-    return _map_batch_rows(cfg.image_size, True, num_refs, 2, cfg.map_batch_rows)
+    return refs_per_map_task(cfg.image_size, True, num_refs, 2, cfg.map_batch_rows)
 
 
 def single_core(data_cfg, tokenizer, rows: int) -> float:

@@ -126,7 +126,7 @@ def test_map_batch_rows_sets_the_refs_per_map_task(ray_session, synthetic_root):
     the samples are the same as with the automatic size. Automatic: ~96 MB of uint8 output per task."""
     from refseg.config import ConfigError
     from refseg.config.validate import validate_data
-    from refseg.data.pipeline import _map_batch_rows
+    from refseg.data.pipeline import refs_per_map_task
 
     n = len(load_split_refs(synthetic_root, "refcoco", "unc", "val"))
     fixed = build_dataset(data_cfg(synthetic_root, map_batch_rows=5), "val", train=False, tokenizer=TOK)
@@ -136,8 +136,8 @@ def test_map_batch_rows_sets_the_refs_per_map_task(ray_session, synthetic_root):
     auto = build_dataset(data_cfg(synthetic_root), "val", train=False, tokenizer=TOK)
     assert collect(fixed).keys() == collect(auto).keys()
     # 480 px training: 104 refs x (480 x 480 x 4 bytes) = 95.8 MB; evaluation (~3 samples per ref) a third
-    assert _map_batch_rows(480) == 104 and _map_batch_rows(480, train=False) == 34
-    assert _map_batch_rows(96) == 256 and _map_batch_rows(480, num_refs=100, workers=2) == 25
+    assert refs_per_map_task(480) == 104 and refs_per_map_task(480, train=False) == 34
+    assert refs_per_map_task(96) == 256 and refs_per_map_task(480, num_refs=100, workers=2) == 25
     try:
         validate_data(data_cfg(synthetic_root, map_batch_rows=0))
     except ConfigError as e:

@@ -155,7 +155,7 @@ def _default_workers() -> int | None:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _map_batch_rows(image_size: int, train: bool = True, num_refs: int | None = None,
+def refs_per_map_task(image_size: int, train: bool = True, num_refs: int | None = None,
                     workers: int | None = None, fixed: int | None = None) -> int:
     """Refs per map task (= per input block): ``fixed`` (data.map_batch_rows) when set, else ~96 MB of
     decoded uint8 output (3 bytes of image + 1 of mask per pixel), 8..256 refs.
@@ -211,7 +211,7 @@ def _listed_rows(data_cfg: DataConfig, split: str, train: bool, seed: int, shard
     if train:  # mix refs across blocks once; block order is re-drawn every epoch
         refs = [refs[i] for i in np.random.default_rng(seed).permutation(len(refs))]
     table = refs_table(refs)
-    rows = _map_batch_rows(data_cfg.image_size, train, table.num_rows, workers, data_cfg.map_batch_rows)
+    rows = refs_per_map_task(data_cfg.image_size, train, table.num_rows, workers, data_cfg.map_batch_rows)
     ds = ray.data.from_arrow([table.slice(i, rows) for i in range(0, table.num_rows, rows)] or [table])
 
     def cache_size(original: bool) -> tuple[int, float | None]:
@@ -266,7 +266,7 @@ def build_dataset(
         raise ValueError("cache_rows=True needs data.cache=true")
     seed = 0 if seed is None else seed
     workers = data_cfg.num_read_tasks or _default_workers()
-    rows = _map_batch_rows(data_cfg.image_size, train, fixed=data_cfg.map_batch_rows)
+    rows = refs_per_map_task(data_cfg.image_size, train, fixed=data_cfg.map_batch_rows)
     override = None
     if data_cfg.source == "parquet":
         ds, override, cache_size = _parquet_rows(data_cfg, split, train, seed, shard)
