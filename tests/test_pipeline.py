@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from refseg.config import DataConfig
@@ -138,12 +139,8 @@ def test_map_batch_rows_sets_the_refs_per_map_task(ray_session, synthetic_root):
     # 480 px training: 104 refs x (480 x 480 x 4 bytes) = 95.8 MB; evaluation (~3 samples per ref) a third
     assert refs_per_map_task(480) == 104 and refs_per_map_task(480, train=False) == 34
     assert refs_per_map_task(96) == 256 and refs_per_map_task(480, num_refs=100, workers=2) == 25
-    try:
+    with pytest.raises(ConfigError, match=r"^data\.map_batch_rows must be at least 1 ref per map task, got 0"):
         validate_data(data_cfg(synthetic_root, map_batch_rows=0))
-    except ConfigError as e:
-        assert str(e).startswith("data.map_batch_rows must be at least 1 ref per map task, got 0")
-    else:
-        raise AssertionError("map_batch_rows=0 was accepted")
 
 
 def test_augmented_training_batches_stay_valid(ray_session, synthetic_root):

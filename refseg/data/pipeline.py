@@ -156,7 +156,7 @@ def _default_workers() -> int | None:
 
 
 def refs_per_map_task(image_size: int, train: bool = True, num_refs: int | None = None,
-                    workers: int | None = None, fixed: int | None = None) -> int:
+                      workers: int | None = None, fixed: int | None = None) -> int:
     """Refs per map task (= per input block): ``fixed`` (data.map_batch_rows) when set, else ~96 MB of
     decoded uint8 output (3 bytes of image + 1 of mask per pixel), 8..256 refs.
 
