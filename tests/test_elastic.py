@@ -218,9 +218,15 @@ def kill_raylet(node: RayNode) -> None:
                if p.info["name"] == "raylet" and any(str(node.temp_dir) in a for a in p.info["cmdline"] or ())]
     assert raylets, f"no raylet of {node.temp_dir}"
     for p in raylets:
-        for child in p.children(recursive=True):
-            child.kill()
-        p.kill()
+        try:
+            children = p.children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        for proc in [*children, p]:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:  # it exited between the listing and the kill (CI, 2026-12-02)
+                pass
 
 
 EPOCHS = 60  # of the elastic run below
