@@ -45,6 +45,7 @@ def bench_config(preset: str, workers: int, image_size: int, batch: int, steps: 
         f"train.num_workers={workers}", "train.cpus_per_worker=0.5",
         f"train.batch_size={batch}", "train.epochs=2", f"train.max_steps_per_epoch={steps}",
         "train.val_every=0", "train.checkpoint_every=100", "train.log_every=1000",
+        "deepspeed.zero_stage=2",  # the figures in BENCHMARKS.md (configs/debug.yaml runs ZeRO-0 since session 15)
     ])
     if preset != "tiny":
         cfg.model = offline_preset(preset)

@@ -258,6 +258,7 @@ def test_elastic_run_shrinks_when_a_node_dies_and_grows_back(cluster_root, synth
                 "train.batch_size=4", "train.max_steps_per_epoch=2", "train.val_every=1", "train.checkpoint_every=1",
                 "train.num_workers=[1, 2]", "train.elastic_resize_monitor_interval_s=5", "train.max_failures=3",
                 "train.cpus_per_worker=0.6", "data.map_cpus=0.25", "train.warmup_steps=0",
+                "deepspeed.zero_stage=2",  # ZeRO shards resharded across worker counts (debug.yaml: ZeRO-0)
                 f"train.storage_path={storage}", "train.name=elastic"]
         with open(log, "w") as f:
             proc = subprocess.Popen([str(BIN / "python"), "jobs/train.py", *args], cwd=REPO, stdout=f,

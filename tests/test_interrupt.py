@@ -45,6 +45,7 @@ def train_args(root: Path, out: Path, *extra: str) -> list[str]:
             "data.synthetic=false", "data.image_size=64", "data.augment=false", "train.epochs=3",
             "train.batch_size=4", f"train.max_steps_per_epoch={STEPS}", "train.time_budget_s=null",
             "train.warmup_steps=0", "train.val_every=1", "train.checkpoint_every=2", "train.log_every=1",
+            "deepspeed.zero_stage=2",  # the sharded optimizer states (configs/debug.yaml runs ZeRO-0)
             f"train.lr={LR}", *(x for x in extra if x not in flags)]
 
 

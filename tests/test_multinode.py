@@ -237,6 +237,7 @@ def test_two_node_train_then_single_node_evaluate(ray_session, cluster_root, syn
                           "--output-dir", str(out), f"data.root={synthetic_root}", "data.synthetic=false",
                           "data.image_size=64", "train.epochs=1", "train.batch_size=4", "train.max_steps_per_epoch=3",
                           "train.val_every=1", "train.num_workers=2", "train.cpus_per_worker=0.6", "data.map_cpus=0.25",
+                          "deepspeed.zero_stage=2",
                           f"train.storage_path={storage}", "train.name=mn")
         train_s = time.time() - t0
         assert rc == 0 and "succeeded" in text, job_failure(rc, text)

@@ -32,9 +32,10 @@ OIOU_TOLERANCE = 0.02
 
 
 def small_cfg(root: Path, *extra: str):
-    """Tiny model, 64 px, 2 workers x 0.5 CPU, a few steps per epoch."""
+    """Tiny model, 64 px, 2 workers x 0.5 CPU, a few steps per epoch, ZeRO-2 (configs/debug.yaml's own
+    ZeRO-0 runs in the end-to-end tests below; ``extra`` overrides come last and win)."""
     return load_config(REPO / "configs" / "debug.yaml", [
-        f"data.root={root}", "data.synthetic=false", "data.image_size=64", "data.augment=false",
+        "deepspeed.zero_stage=2", f"data.root={root}", "data.synthetic=false", "data.image_size=64", "data.augment=false",
         "train.epochs=3", "train.batch_size=4", "train.max_steps_per_epoch=4", "train.warmup_steps=0",
         "train.val_every=1", "train.checkpoint_every=1", "train.log_every=2", "train.lr=3e-3",
         "eval.batch_size=16", *extra,
