@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -253,7 +254,7 @@ def worker_loop(config: dict) -> None:
     epoch = train_batches(ray.train.get_dataset_shard("train"), cfg)
     lw = (cfg.model.loss.bce_weight, cfg.model.loss.dice_weight)
     phases: dict[str, list[float]] = {k: [] for k in ("data", "inputs", "forward", "backward", "step", "sync", "total",
-                                                     "cpu")}
+                                                     "cpu", "faults")}
     by_format: dict[str, list[float]] = {"nchw": [], "cl": []}
     done, first_epoch_s = -ctx.steps_per_epoch, 0.0  # the first epoch warms up (fills the cache)
     t_first = time.perf_counter()
@@ -261,6 +262,7 @@ def worker_loop(config: dict) -> None:
         batches = iter(epoch(None))
         for _ in range(ctx.steps_per_epoch):
             t0, c0 = time.perf_counter(), time.thread_time()
+            f0 = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
             batch = next(batches)
             t1 = time.perf_counter()
             image, ids, attn, mask = to_inputs(batch, ctx.device, ctx.dtype)
@@ -275,8 +277,11 @@ def worker_loop(config: dict) -> None:
             t5 = time.perf_counter()
             all_reduce_sum(torch.tensor([0, 0], dtype=torch.int64))  # train_epoch's stop/out-of-batches flags
             t6, c6 = time.perf_counter(), time.thread_time()
+            faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - f0
             if done >= 0:
-                for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t6 - t0, c6 - c0)):
+                # (faults / 1e3: stored with the seconds, so the "_ms" figure below is the count itself)
+                for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t6 - t0, c6 - c0,
+                                          faults / 1e3)):
                     phases[k].append(dt)
                 by_format["cl" if cl else "nchw"].append(t6 - t0)
             done += 1
@@ -326,6 +331,8 @@ def worker_part(cfg, a, tmp: Path) -> dict:
           f"over {res['steps']} steps:")
     print("  " + "  ".join(f"{k} {res[f'{k}_ms']:.1f}" for k in ("data", "inputs", "forward", "backward", "step",
                                                                  "sync", "total", "cpu")))
+    print(f"  page faults of the training thread per step (median): {res['faults_ms']:.0f} "
+          f"(train.cpu_keep_freed_mb={cfg.train.cpu_keep_freed_mb})")
     print("  (cpu: the training thread's own CPU time per step; total - cpu = time spent waiting for a core or "
           "for the other rank)")
     print(f"  NCHW steps {res['step_nchw_ms']:.1f} ms, channels_last steps {res['step_cl_ms']:.1f} ms "

@@ -4,6 +4,7 @@
     init_ray(address)        # attach to ``address`` / $RAY_ADDRESS, else start a fresh local instance
     local_env()              # a one-rank process group's env vars (Ray Train local mode)
     actor_options(workers)   # resources per inference actor
+    keep_freed_memory(256)   # CPU training: glibc reuses freed tensor memory instead of fresh pages
 
 Ray's defaults on a terminal: its start-up lines (the token-authentication notice, "Started a local
 Ray instance"), Ray Data's execution plan and progress for every dataset, Ray Train's INFO record of
@@ -217,6 +218,32 @@ def local_env() -> None:
         RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt(3) parameters
+
+
+def keep_freed_memory(megabytes: int) -> bool:
+    """Have glibc's malloc keep up to ``megabytes`` MB of freed memory in this process for reuse, and
+    serve blocks below that size from its heap (``mallopt`` M_TRIM_THRESHOLD and M_MMAP_THRESHOLD).
+
+    With glibc's defaults a CPU training step's large activations (a few MB each at debug sizes) are
+    mmap-ed on allocation and unmapped on free, so every step touches fresh zero-filled pages: ~3 400
+    page faults and ~12 % of a debug-config step on a 2-core VM (BENCHMARKS.md, "CPU step", session 15).
+    Kept, the next step reuses the same pages. The cost is at most ``megabytes`` of memory the process
+    holds after its peak instead of returning it. Returns False (and changes nothing) for 0 or without
+    glibc (musl, macOS); the setting lasts for the life of the process."""
+    if megabytes <= 0 or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    size = int(megabytes) * 2**20
+    return bool(mallopt(M_MMAP_THRESHOLD, size)) and bool(mallopt(M_TRIM_THRESHOLD, size))
 
 
 def actor_options(workers: int) -> dict:

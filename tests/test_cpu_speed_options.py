@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from refseg.config import load_config
@@ -123,3 +124,34 @@ def test_fused_adamw_engine_follows_the_same_losses():
         assert np.isfinite(loop).all() and len(set(loop)) == len(loop), (run, loop)  # every step moves the weights
         tol = 2e-2 if run.endswith("bf16") else 1e-4
         np.testing.assert_allclose(fused, loop, rtol=tol, atol=tol, err_msg=run)
+
+
+FAULTS = """
+import resource, sys, torch
+from refseg.runtime import keep_freed_memory
+kept = keep_freed_memory(int(sys.argv[1]))
+x = torch.ones(1)
+for _ in range(3):  # warm up
+    y = torch.ones(2**20) * 2  # 4 MiB, as a debug step's activations
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    y = torch.ones(2**20) * 2
+    x = x + y[:1]
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, float(x))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keeping_freed_memory_ends_the_page_faults_of_every_step_and_keeps_values():
+    """Issue 26: with glibc's defaults each 4 MiB tensor is a fresh mmap (~1 000 zero-filled pages
+    touched); refseg.runtime.keep_freed_memory (what CPU training workers call) reuses freed memory."""
+    runs = {}
+    for mb in (0, 256):
+        out = subprocess.run([sys.executable, "-c", FAULTS, str(mb)], capture_output=True, text=True, check=True,
+                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        kept, faults, value = out.stdout.split()
+        runs[mb] = (kept, int(faults), float(value))
+    assert runs[0][0] == "False" and runs[256][0] == "True"
+    assert runs[0][1] > 20 * 500, runs  # two 4 MiB buffers per round, each faulted in afresh
+    assert runs[256][1] < 200, runs
+    assert runs[0][2] == runs[256][2] == 41.0

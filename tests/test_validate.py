@@ -44,6 +44,7 @@ CASES = [  # (values, the sentence validate(cfg) raises, exactly)
     ({"train__time_budget_s": float("inf")}, ("train.time_budget_s must be a positive number of seconds (or null "
                                              "for no budget), got inf")),
     ({"deepspeed__zero_stage": 4}, "deepspeed.zero_stage must be 0, 1, 2 or 3, got 4"),
+    ({"train__cpu_keep_freed_mb": -1}, "train.cpu_keep_freed_mb must be 0 (glibc's default) or a number of MB, got -1"),
     ({"model__fusion__level": 12}, "model: fusion.level must be one of 4, 8, 16, 32, got 12."),
     ({"model__fusion__num_heads": 0}, "model: fusion.num_heads must be at least 1, got 0."),
     ({"model__dim": 64, "model__fusion__num_heads": 3}, "model: model.dim=64 must be divisible by fusion.num_heads=3."),

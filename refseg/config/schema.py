@@ -154,6 +154,9 @@ class TrainConfig:
     elastic_resize_monitor_interval_s: float = 60.0  # elastic: how often Ray Train looks for room to grow
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # CPU workers: MB of freed memory glibc keeps for reuse instead of fresh zeroed pages for every large
+    # tensor (refseg.runtime.keep_freed_memory; x0.88 per debug step, BENCHMARKS.md "CPU step"); 0 = glibc's default
+    cpu_keep_freed_mb: int = 256
     gpus_per_worker: float = 1.0
     storage_path: str | None = None  # shared FS / s3:// for multi-node; null = ~/ray_results
     name: str | None = None

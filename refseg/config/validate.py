@@ -55,8 +55,8 @@ def validate_precision(precision: str, cuda: bool) -> None:
 
 
 def validate_train(train: TrainConfig) -> None:
-    """train.precision (against train.use_gpu), train.epochs, train.time_budget_s, train.init_from and
-    train.tracking."""
+    """train.precision (against train.use_gpu), train.epochs, train.time_budget_s, train.init_from,
+    train.cpu_keep_freed_mb and train.tracking."""
     validate_precision(train.precision, cuda=train.use_gpu)
     if train.epochs < 1:
         raise ConfigError(f"train.epochs must be at least 1, got {train.epochs}")
@@ -67,6 +67,9 @@ def validate_train(train: TrainConfig) -> None:
     if train.init_from is not None and (not train.init_from.strip() or "://" in train.init_from):
         raise ConfigError(f"train.init_from must be a local model.pt, run dir or artifact folder (or null), "
                           f"got {train.init_from!r}")
+    if train.cpu_keep_freed_mb < 0:
+        raise ConfigError(f"train.cpu_keep_freed_mb must be 0 (glibc's default) or a number of MB, "
+                          f"got {train.cpu_keep_freed_mb}")
     validate_tracking(train.tracking)
     validate_workers(train)
 

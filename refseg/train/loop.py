@@ -23,6 +23,7 @@ import torch
 
 from refseg.config import Config, config_from_dict
 from refseg.data.cache import KeptBatches
+from refseg.runtime import keep_freed_memory
 from refseg.train.budget import TimeBudget, set_schedule_total, with_epochs
 from refseg.train.checkpoint import NOT_VALIDATED, RunState, load_checkpoint, save_and_report, score_key
 from refseg.train.engine import accumulation, all_reduce_min, engine_dtype, pick_device, setup_engine
@@ -56,6 +57,7 @@ def worker_context(cfg: Config, steps_per_epoch: int) -> WorkerContext:
     train_ctx = ray.train.get_context()
     if not cfg.train.use_gpu:
         torch.set_num_threads(max(1, math.floor(cfg.train.cpus_per_worker)))
+        keep_freed_memory(cfg.train.cpu_keep_freed_mb)
     return WorkerContext(train_ctx.get_world_rank(), train_ctx.get_world_size(), pick_device(cfg.train.use_gpu),
                          engine_dtype(cfg), steps_per_epoch)
 
