@@ -28,7 +28,8 @@ Parts (the debug config's model, ``configs/debug.yaml``, batch 16 at its 96 px, 
   worker times every step's phases (data wait, inputs, forward + loss, backward, optimizer step, the
   per-step all-reduce of ``train_epoch``) after a warm-up epoch, alternating the input memory format
   step by step (even steps NCHW, odd steps channels_last) so both run under the same load, and the
-  training thread's CPU time (``time.thread_time``: wall minus CPU is waiting for a core or a peer).
+  training thread's CPU time (``time.thread_time``: wall minus CPU is waiting for a core or a peer)
+  and its page faults per step (``train.cpu_keep_freed_mb=0`` shows glibc's default behaviour).
 
 Measurements and the host (``lscpu`` model name) go to BENCHMARKS.md, "CPU step (issue 26)".
 """
@@ -254,7 +255,8 @@ def worker_loop(config: dict) -> None:
     epoch = train_batches(ray.train.get_dataset_shard("train"), cfg)
     lw = (cfg.model.loss.bce_weight, cfg.model.loss.dice_weight)
     phases: dict[str, list[float]] = {k: [] for k in ("data", "inputs", "forward", "backward", "step", "sync", "total",
-                                                     "cpu", "faults")}
+                                                     "cpu")}
+    faults: list[int] = []  # page faults of the training thread per step (train.cpu_keep_freed_mb)
     by_format: dict[str, list[float]] = {"nchw": [], "cl": []}
     done, first_epoch_s = -ctx.steps_per_epoch, 0.0  # the first epoch warms up (fills the cache)
     t_first = time.perf_counter()
@@ -277,11 +279,9 @@ def worker_loop(config: dict) -> None:
             t5 = time.perf_counter()
             all_reduce_sum(torch.tensor([0, 0], dtype=torch.int64))  # train_epoch's stop/out-of-batches flags
             t6, c6 = time.perf_counter(), time.thread_time()
-            faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - f0
             if done >= 0:
-                # (faults / 1e3: stored with the seconds, so the "_ms" figure below is the count itself)
-                for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t6 - t0, c6 - c0,
-                                          faults / 1e3)):
+                faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - f0)
+                for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t6 - t0, c6 - c0)):
                     phases[k].append(dt)
                 by_format["cl" if cl else "nchw"].append(t6 - t0)
             done += 1
@@ -292,6 +292,7 @@ def worker_loop(config: dict) -> None:
     if ctx.rank == 0:
         res = {"setup_s": setup_s, "first_epoch_s": first_epoch_s, "steps": len(phases["total"]),
                **{f"{k}_ms": 1e3 * float(np.median(v)) for k, v in phases.items()},
+               "page_faults": float(np.median(faults)),
                **{f"step_{k}_ms": 1e3 * float(np.median(v)) for k, v in by_format.items()}}
         Path(config["out"]).write_text(json.dumps(res))
 
@@ -331,7 +332,7 @@ def worker_part(cfg, a, tmp: Path) -> dict:
           f"over {res['steps']} steps:")
     print("  " + "  ".join(f"{k} {res[f'{k}_ms']:.1f}" for k in ("data", "inputs", "forward", "backward", "step",
                                                                  "sync", "total", "cpu")))
-    print(f"  page faults of the training thread per step (median): {res['faults_ms']:.0f} "
+    print(f"  page faults of the training thread per step (median): {res['page_faults']:.0f} "
           f"(train.cpu_keep_freed_mb={cfg.train.cpu_keep_freed_mb})")
     print("  (cpu: the training thread's own CPU time per step; total - cpu = time spent waiting for a core or "
           "for the other rank)")

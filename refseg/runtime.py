@@ -228,8 +228,9 @@ def keep_freed_memory(megabytes: int) -> bool:
     serve blocks below that size from its heap (``mallopt`` M_TRIM_THRESHOLD and M_MMAP_THRESHOLD).
 
     With glibc's defaults a CPU training step's large activations (a few MB each at debug sizes) are
-    mmap-ed on allocation and unmapped on free, so every step touches fresh zero-filled pages: ~3 400
-    page faults and ~12 % of a debug-config step on a 2-core VM (BENCHMARKS.md, "CPU step", session 15).
+    mmap-ed on allocation and unmapped on free, so every step touches fresh zero-filled pages: ~6 000
+    page faults per debug-config step of a Ray Train worker and 11-17 % of its time on a 2-core VM
+    (BENCHMARKS.md, "CPU step", session 15).
     Kept, the next step reuses the same pages. The cost is at most ``megabytes`` of memory the process
     holds after its peak instead of returning it. Returns False (and changes nothing) for 0 or without
     glibc (musl, macOS); the setting lasts for the life of the process."""

@@ -155,7 +155,7 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     # CPU workers: MB of freed memory glibc keeps for reuse instead of fresh zeroed pages for every large
-    # tensor (refseg.runtime.keep_freed_memory; x0.88 per debug step, BENCHMARKS.md "CPU step"); 0 = glibc's default
+    # tensor (refseg.runtime.keep_freed_memory; x0.83-0.89 per debug step, BENCHMARKS.md "CPU step"); 0 = glibc's default
     cpu_keep_freed_mb: int = 256
     gpus_per_worker: float = 1.0
     storage_path: str | None = None  # shared FS / s3:// for multi-node; null = ~/ray_results
