@@ -131,7 +131,7 @@ import resource, sys, torch
 from refseg.runtime import keep_freed_memory
 kept = keep_freed_memory(int(sys.argv[1]))
 total = 0.0
-def step():  # like a training step: activations of 1-4 MiB, alive together, all freed at its end
+def step():  # like a training step: activations of 4-16 MiB (72 MiB), alive together, all freed at its end
     global total
     saved = [torch.full((k * 2**18,), 1.0) for k in (4, 8, 16, 8, 4, 16, 12, 4)]
     total += sum(float(t[0]) for t in saved)
@@ -168,6 +168,6 @@ def test_keeping_freed_memory_ends_the_page_faults_of_every_step_and_keeps_value
         kept, faults, value = out.stdout.split()
         runs[mb] = (kept, int(faults), float(value))
     assert runs[0][0] == "False" and runs[256][0] == "True"
-    assert runs[0][1] > 30 * 2_000, runs  # the step's 18 MiB (4 608 pages) faulted in again each step
+    assert runs[0][1] > 30 * 2_000, runs  # the step's 72 MiB (18 432 pages) faulted in again each step
     assert runs[256][1] < 30 * 20, runs
     assert runs[0][2] == runs[256][2] == 280.0
