@@ -169,5 +169,7 @@ def test_keeping_freed_memory_ends_the_page_faults_of_every_step_and_keeps_value
         runs[mb] = (kept, int(faults), float(value))
     assert runs[0][0] == "False" and runs[256][0] == "True"
     assert runs[0][1] > 30 * 2_000, runs  # the step's 72 MiB (18 432 pages) faulted in again each step
-    assert runs[256][1] < 30 * 20, runs
+    # kept: fewer than ONE step's pages over all 30 steps -- at most a one-off growth of the heap while
+    # the process finds its peak (seen: 0 in most runs, 4 096 = one 16 MiB block in one)
+    assert runs[256][1] < 18_432, runs
     assert runs[0][2] == runs[256][2] == 280.0
