@@ -48,17 +48,24 @@ def refseg_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 
 
 def generalized_loss(logits: torch.Tensor, target: torch.Tensor, no_target_logit: torch.Tensor,
                      no_target: torch.Tensor, bce_weight: float = 1.0, dice_weight: float = 1.0,
-                     no_target_weight: float = 1.0) -> torch.Tensor:
-    """gRefCOCO training loss: ``no_target_weight * BCE(no_target_logit (B,), no_target (B,) {0,1})`` plus
-    :func:`refseg_loss` on the target samples only (``no_target == 0``). A batch without a target sample
-    adds a mask loss of 0 that still reaches every mask parameter (a graph, zero gradients), so every
-    rank runs the same backward. fp32 scalar."""
+                     no_target_weight: float = 1.0, empty_mask_weight: float = 0.0,
+                     no_target_pos_weight: float = 1.0) -> torch.Tensor:
+    """gRefCOCO training loss: ``no_target_weight * BCE(no_target_logit (B,), no_target (B,) {0,1})`` (its
+    no-target terms weighted ``no_target_pos_weight``, torch's ``pos_weight``) plus
+    :func:`refseg_loss` on the target samples only (``no_target == 0``), plus ``empty_mask_weight *`` the
+    mean pixel BCE of the no-target samples' mask logits toward an empty mask (as ReLA trains them). A
+    batch without a target sample adds a mask loss of 0 that still reaches every mask parameter (a graph,
+    zero gradients), so every rank runs the same backward. fp32 scalar."""
     with torch.autocast(device_type=logits.device.type, enabled=False):
         label = no_target.float().reshape(-1)
-        nt = F.binary_cross_entropy_with_logits(no_target_logit.float().reshape(-1), label)
+        pos = torch.tensor(no_target_pos_weight, dtype=torch.float32, device=label.device)
+        nt = F.binary_cross_entropy_with_logits(no_target_logit.float().reshape(-1), label, pos_weight=pos)
         keep = label < 0.5  # (B,) target samples
         if bool(keep.any()):
             mask = refseg_loss(logits[keep], target[keep], bce_weight, dice_weight)
         else:
             mask = logits.float().sum() * 0.0
+        if empty_mask_weight > 0 and not bool(keep.all()):
+            empty = logits[~keep].float()
+            mask = mask + empty_mask_weight * F.binary_cross_entropy_with_logits(empty, torch.zeros_like(empty))
         return no_target_weight * nt + mask

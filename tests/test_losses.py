@@ -99,6 +99,36 @@ def test_generalized_loss_on_a_mixed_batch_hand_computed() -> None:
     assert float(generalized_loss(other, target, nt_logit, nt, 0.5, 2.0, 3.0)) == pytest.approx(float(got), abs=1e-6)
 
 
+def test_empty_mask_weight_adds_the_bce_of_no_target_masks_toward_empty() -> None:
+    torch.manual_seed(1)
+    logits, target = torch.randn(4, 1, 8, 8), (torch.rand(4, 8, 8) > 0.5).float()
+    target[[1, 3]] = 0
+    nt_logit, nt = torch.tensor([0.5, 2.0, -1.0, 0.0]), torch.tensor([0.0, 1.0, 0.0, 1.0])
+    base = float(generalized_loss(logits, target, nt_logit, nt, 1.0, 1.0, 1.0))
+    # mean over the 2 x 64 pixels of samples 1 and 3 of log(1 + exp(x)), the BCE of x toward 0
+    empty_bce = float(torch.log1p(torch.exp(logits[[1, 3]].double())).mean())
+    got = generalized_loss(logits, target, nt_logit, nt, 1.0, 1.0, 1.0, empty_mask_weight=0.5)
+    assert float(got) == pytest.approx(base + 0.5 * empty_bce, abs=1e-6)
+    # the no-target samples' mask logits now matter: lower logits, lower loss; target samples alone: no term
+    lower = logits.clone()
+    lower[[1, 3]] -= 3.0
+    assert float(generalized_loss(lower, target, nt_logit, nt, 1.0, 1.0, 1.0, 0.5)) < float(got)
+    none = torch.zeros(4)
+    assert float(generalized_loss(logits, target, nt_logit, none, 1.0, 1.0, 1.0, 0.5)) == pytest.approx(
+        float(generalized_loss(logits, target, nt_logit, none, 1.0, 1.0, 1.0)), abs=1e-7)
+
+
+def test_no_target_pos_weight_scales_the_no_target_terms_of_the_head_bce() -> None:
+    logits, target = torch.randn(3, 1, 8, 8), torch.zeros(3, 8, 8)
+    target[0, 2:5, 2:5] = 1
+    nt_logit, nt = torch.tensor([0.5, 2.0, -1.0]), torch.tensor([0.0, 1.0, 1.0])
+    # (0.5, 0) weighs 1; (2, 1) and (-1, 1) weigh 2.5: softplus(-x) per no-target term
+    want = (math.log(1 + math.exp(0.5)) + 2.5 * (math.log(1 + math.exp(-2.0)) + math.log(1 + math.exp(1.0)))) / 3
+    mask_part = float(refseg_loss(logits[:1], target[:1]))
+    got = generalized_loss(logits, target, nt_logit, nt, no_target_pos_weight=2.5)
+    assert float(got) == pytest.approx(want + mask_part, abs=1e-6)
+
+
 def test_generalized_loss_without_target_samples_keeps_a_graph() -> None:
     logits = torch.randn(2, 1, 8, 8, dtype=torch.bfloat16, requires_grad=True)
     nt_logit = torch.tensor([1.0, -1.0], requires_grad=True)
@@ -125,6 +155,12 @@ def test_training_loss_path_classic_unchanged_and_generalized_with_the_head() ->
     assert torch.equal(got, generalized_loss(logits, target, nt_logit, torch.tensor([0.0, 1.0, 0.0]), 0.7, 1.3, 2.0))
     masks = torch.zeros(3, 8, 8, dtype=torch.bool)
     masks[0, 2, 2] = True
+    masks[1, 0, 0] = True  # sample 1: a pixel, but the head says no-target (sigmoid(3) = 0.95)
+    assert predicted_no_target({"no_target_logit": nt_logit}, masks, 0.5).tolist() == [False, True, True]
+    assert predicted_no_target({"no_target_logit": nt_logit}, masks, 0.96).tolist() == [False, False, True]
+    masks[2, 1, 1] = True  # sample 2 (sigmoid(0.1) = 0.52): no-target at 0.5 only
     assert predicted_no_target({"no_target_logit": nt_logit}, masks, 0.5).tolist() == [False, True, True]
     assert predicted_no_target({"no_target_logit": nt_logit}, masks, 0.6).tolist() == [False, True, False]
-    assert predicted_no_target({}, masks, 0.5).tolist() == [False, True, True]  # no head: an empty mask
+    masks[0] = False  # an empty predicted mask is a no-target prediction whatever the head says (GRES)
+    assert predicted_no_target({"no_target_logit": nt_logit}, masks, 0.6).tolist() == [True, True, False]
+    assert predicted_no_target({}, masks, 0.5).tolist() == [True, False, False]  # no head: the masks alone

@@ -380,6 +380,36 @@ def test_no_target_head_only_with_the_flag(tmp_path, tokenizer) -> None:
         assert torch.equal(loaded(image, ids, mask)["no_target_logit"], headed(image, ids, mask)["no_target_logit"])
 
 
+def test_no_target_head_reads_the_mask_evidence() -> None:
+    """The head sees the decoder's logits: with fused tokens and sentence features that say nothing about
+    the label (the same for both classes), it still learns to call a sample empty from an empty-looking
+    mask (all logits low) and a target from one bright blob; without that input it could not beat 0.5."""
+    from refseg.models.heads import NoTargetHead
+
+    torch.manual_seed(0)
+    head = NoTargetHead(8)
+    fused, sentence = torch.randn(1, 8, 3, 3).expand(16, -1, -1, -1), torch.randn(1, 8).expand(16, -1)
+    label = torch.tensor([0.0, 1.0] * 8)
+    logits = torch.full((16, 1, 12, 12), -6.0) + 0.5 * torch.randn(16, 1, 12, 12)
+    for i in range(0, 16, 2):  # target samples: one blob of positive logits somewhere
+        r, c = divmod(i * 5, 9)
+        logits[i, 0, r:r + 3, c:c + 3] = 5.0
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(fused, sentence, logits), label)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        called = torch.sigmoid(head(fused, sentence, logits)) > 0.5
+        assert called.tolist() == [bool(v) for v in label.tolist()]
+        assert float(loss) < 0.05
+        # the evidence, not the sample's position in the batch: swap two samples' masks, their calls swap
+        swapped = logits.clone()
+        swapped[[0, 1]] = logits[[1, 0]]
+        assert (torch.sigmoid(head(fused, sentence, swapped)) > 0.5)[:2].tolist() == [True, False]
+
+
 def test_public_api_resolves() -> None:
     from refseg import models
 

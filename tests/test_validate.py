@@ -46,6 +46,8 @@ CASES = [  # (values, the sentence validate(cfg) raises, exactly)
     ({"deepspeed__zero_stage": 4}, "deepspeed.zero_stage must be 0, 1, 2 or 3, got 4"),
     ({"train__cpu_keep_freed_mb": -1}, "train.cpu_keep_freed_mb must be 0 (glibc's default) or a number of MB, got -1"),
     ({"model__fusion__level": 12}, "model: fusion.level must be one of 4, 8, 16, 32, got 12."),
+    ({"model__loss__empty_mask_weight": -0.5}, "model: loss.empty_mask_weight must be 0 or more, got -0.5."),
+    ({"model__loss__no_target_pos_weight": 0.0}, "model: loss.no_target_pos_weight must be more than 0, got 0.0."),
     ({"model__fusion__num_heads": 0}, "model: fusion.num_heads must be at least 1, got 0."),
     ({"model__dim": 64, "model__fusion__num_heads": 3}, "model: model.dim=64 must be divisible by fusion.num_heads=3."),
     ({"model__decoder__channels": []}, "model: decoder.channels needs at least one entry."),

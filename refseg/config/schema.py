@@ -66,6 +66,12 @@ class LossConfig:
     bce_weight: float = 1.0
     dice_weight: float = 1.0
     no_target_weight: float = 1.0  # BCE on the no-target label; used with model.no_target_head only
+    # BCE of the mask logits of no-target samples toward an all-empty mask (ReLA trains every mask, empty
+    # ones included); 0: the mask loss sees target samples only. Used with model.no_target_head only
+    empty_mask_weight: float = 0.0
+    # weight of the no-target (positive) samples in that BCE (torch's pos_weight): > 1 evens out a set
+    # where they are the minority (gRefCOCO's synthetic set: ~1 in 5)
+    no_target_pos_weight: float = 1.0
 
 
 @dataclass

@@ -116,6 +116,10 @@ def validate_model(model: ModelConfig) -> None:
                           f"got {model.no_target_threshold}.")
     if not model.loss.no_target_weight >= 0.0:
         raise ConfigError(f"model: loss.no_target_weight must be 0 or more, got {model.loss.no_target_weight}.")
+    if not model.loss.no_target_pos_weight > 0.0:
+        raise ConfigError(f"model: loss.no_target_pos_weight must be more than 0, got {model.loss.no_target_pos_weight}.")
+    if not model.loss.empty_mask_weight >= 0.0:
+        raise ConfigError(f"model: loss.empty_mask_weight must be 0 or more, got {model.loss.empty_mask_weight}.")
     strides = [f.level / 2 ** (i + 1) for i in range(len(d.channels))]  # each decoder stage upsamples 2x
     if d.stem_skip and 2.0 not in strides[:-1]:
         raise ConfigError(

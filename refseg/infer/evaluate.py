@@ -18,9 +18,9 @@ A sample whose image or mask cannot be used is counted in ``metrics.json["skippe
 Generalized data (``dataset`` in GENERALIZED_DATASETS, gRefCOCO) is scored with
 :class:`refseg.metrics.GresMetrics`: metrics.json holds giou, ciou, n_acc, t_acc, precision_at (0.7 /
 0.8 / 0.9 over target samples), num_samples, num_target and num_no_target; a no-target record's ground
-truth is an empty mask. A sample is predicted no-target when the model's no-target head says so (see
-:class:`refseg.infer.predictor.Predictor`), or, for a model without the head, when its mask is empty;
-its saved mask is then all zero. per_sample.jsonl adds gt_no_target, pred_no_target and no_target_prob,
+truth is an empty mask. A sample is predicted no-target when its predicted mask is empty (GRES: a
+prediction without any foreground pixel), which the no-target head forces when it says so (see
+:class:`refseg.infer.predictor.Predictor`); its saved mask is then all zero. per_sample.jsonl adds gt_no_target, pred_no_target and no_target_prob,
 and its intersection / union / iou are the GRES-scored ones (they sum to cIoU's numerator and denominator).
 """
 
@@ -104,10 +104,9 @@ class EvalActor:
                                             return_no_target=True)
             for j, i in enumerate(good):
                 mask, _ = p.finish(probs[j], metas[j], self.threshold)  # empty when the head says no-target
-                if no_target is None:
-                    pred_nt[i] = not mask.any()
-                else:
-                    nt_prob[i], pred_nt[i] = no_target[j], no_target[j] > p.no_target_threshold
+                pred_nt[i] = not mask.any()  # GRES: a prediction without a foreground pixel says "no target"
+                if no_target is not None:
+                    nt_prob[i] = no_target[j]
                 self._record(cols, "", i, mask, gts[j])
                 if self.at_train_res:
                     rh, rw = metas[j]["resized_h"], metas[j]["resized_w"]

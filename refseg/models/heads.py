@@ -1,11 +1,15 @@
 """The no-target head for generalized referring segmentation (gRefCOCO / GRES: "nothing is there").
 
     head = NoTargetHead(dim=256)
-    logit = head(fused (B,256,h,w), sentence (B,256))   # (B,) no-target logit; sigmoid > threshold = empty
+    logit = head(fused (B,256,h,w), sentence (B,256), logits (B,1,H,W))   # (B,); sigmoid > threshold = empty
 
 A 1x1 conv + GELU turns every fused vision token into match features; their mean and max over the
-image (the max asks "does any location match the expression?") and the fused sentence feature go
-through a two-layer MLP to one logit. Built only with ``model.no_target_head``.
+image (the max asks "does any location match the expression?"), the fused sentence feature and the
+mask's own evidence -- its largest logit (squashed by tanh(x / 4)) and its mean probability, from the
+decoder's full-resolution logits -- go through a two-layer MLP to one logit. The mask evidence is what
+lets the head check the image at the decoder's resolution: on the fused tokens alone (stride 16) a small
+object named by a one-target expression looked like a no-target one, and the head learned the wording
+instead (BENCHMARKS.md, "gRefCOCO", session 16). Built only with ``model.no_target_head``.
 """
 
 from __future__ import annotations
@@ -15,15 +19,21 @@ from torch import nn
 
 
 class NoTargetHead(nn.Module):
-    """fused (B, dim, h, w), sentence (B, dim) -> no-target logit (B,) (see the module docstring)."""
+    """fused (B, dim, h, w), sentence (B, dim), mask logits (B, 1, H, W) -> no-target logit (B,) (see the
+    module docstring)."""
+
+    MASK_FEATURES = 2  # tanh(max logit / 4), mean probability
 
     def __init__(self, dim: int, hidden: int | None = None) -> None:
         super().__init__()
         hidden = hidden or dim
         self.token = nn.Sequential(nn.Conv2d(dim, hidden, 1), nn.GELU())
-        self.mlp = nn.Sequential(nn.Linear(2 * hidden + dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.mlp = nn.Sequential(nn.Linear(2 * hidden + dim + self.MASK_FEATURES, hidden), nn.GELU(),
+                                 nn.Linear(hidden, 1))
 
-    def forward(self, fused: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
+    def forward(self, fused: torch.Tensor, sentence: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         t = self.token(fused)  # (B, hidden, h, w)
-        pooled = torch.cat([t.mean((2, 3)), t.amax((2, 3)), sentence], dim=1)  # (B, 2*hidden + dim)
+        x = logits.flatten(1).to(t.dtype)  # (B, H*W)
+        mask = torch.stack([torch.tanh(x.amax(1) / 4), torch.sigmoid(x).mean(1)], dim=1)  # (B, 2)
+        pooled = torch.cat([t.mean((2, 3)), t.amax((2, 3)), sentence, mask], dim=1)  # (B, 2*hidden + dim + 2)
         return self.mlp(pooled)[:, 0]  # (B,)

@@ -67,7 +67,7 @@ class RefSegModel(nn.Module):
             logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
         out = {"logits": logits[..., :H, :W]}
         if self.no_target is not None:
-            out["no_target_logit"] = self.no_target(fused, sent)  # (B,)
+            out["no_target_logit"] = self.no_target(fused, sent, out["logits"])  # (B,)
         if return_attn:
             if attn is None:
                 raise ValueError("return_attn=True needs fusion.num_layers >= 1.")

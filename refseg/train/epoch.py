@@ -119,15 +119,17 @@ def batch_loss(out: dict, mask: torch.Tensor, batch: dict, model: ModelConfig) -
         return refseg_loss(out["logits"], mask, w.bce_weight, w.dice_weight)
     label = torch.as_tensor(np.asarray(batch["no_target"]), dtype=torch.float32, device=mask.device)
     return generalized_loss(out["logits"], mask, out["no_target_logit"], label, w.bce_weight, w.dice_weight,
-                            w.no_target_weight)
+                            w.no_target_weight, w.empty_mask_weight, w.no_target_pos_weight)
 
 
 def predicted_no_target(out: dict, masks: torch.Tensor, threshold: float) -> torch.Tensor:
-    """(B,) bool: the samples the model calls empty -- sigmoid(no-target logit) > ``threshold``, or for a
-    model without the head, an empty predicted mask. ``masks``: (B, H, W) bool predictions."""
+    """(B,) bool: the samples the model calls empty -- an empty predicted mask (GRES: a prediction
+    without any foreground pixel is a no-target prediction), and with the head also every sample whose
+    sigmoid(no-target logit) > ``threshold``. ``masks``: (B, H, W) bool predictions."""
+    empty = ~masks.flatten(1).any(1)
     if "no_target_logit" in out:
-        return torch.sigmoid(out["no_target_logit"].float()) > threshold
-    return ~masks.flatten(1).any(1)
+        return empty | (torch.sigmoid(out["no_target_logit"].float()) > threshold)
+    return empty
 
 
 def unseen_batches(batches: Iterable[dict], seen: Collection[int], batch_size: int, spare: int) -> Iterator[dict]:
