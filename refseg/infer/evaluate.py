@@ -20,8 +20,9 @@ Generalized data (``dataset`` in GENERALIZED_DATASETS, gRefCOCO) is scored with
 0.8 / 0.9 over target samples), num_samples, num_target and num_no_target; a no-target record's ground
 truth is an empty mask. A sample is predicted no-target when its predicted mask is empty (GRES: a
 prediction without any foreground pixel), which the no-target head forces when it says so (see
-:class:`refseg.infer.predictor.Predictor`); its saved mask is then all zero. per_sample.jsonl adds gt_no_target, pred_no_target and no_target_prob,
-and its intersection / union / iou are the GRES-scored ones (they sum to cIoU's numerator and denominator).
+:class:`refseg.infer.predictor.Predictor`); its saved mask is then all zero. per_sample.jsonl adds
+gt_no_target, pred_no_target and no_target_prob, and its intersection / union / iou are the GRES-scored
+ones (they sum to cIoU's numerator and denominator).
 """
 
 from __future__ import annotations
