@@ -199,7 +199,7 @@ def gres_ckpt(tmp_path_factory, gres_root) -> Path:
     p = Predictor.from_checkpoint(path)
     recs = load_split(gres_root, *GSPLIT)
     probs = [p.predict(r["image_path"], r["sentence"]).no_target_prob for r in recs]
-    cfg.model.no_target_threshold = float(np.median(probs))
+    cfg.model.no_target_threshold = model.config.no_target_threshold = float(np.median(probs))
     return save_model(path, model, cfg.to_dict())
 
 
@@ -277,3 +277,32 @@ def test_predictor_no_target_prob_and_empty_mask(gres_ckpt, ckpt, gres_root):
         assert pred.mask.shape == pred.prob.shape == (rec["height"], rec["width"])
         assert 0.0 <= pred.no_target_prob <= 1.0
         assert pred.prob.any() != empty and (not pred.mask.any() if empty else True)
+
+
+def test_gref_forms_bench_splits_the_score_by_kind_and_form(gres_ckpt, gres_root, capsys):
+    """bench/gref_forms.py: every val sample counted once under its kind; a shipped mask is empty exactly
+    when the head says so or the decoder's own mask is empty; no-target IoU is 1 iff empty; the form
+    table abstracts the synthetic colour and shape words."""
+    import sys
+
+    from refseg.data import load_split
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.gref_forms import form, main
+
+    assert form("the red circles on the left", ["red", "blue"], ["circle"]) == "the C S on the left"
+    got = main([str(gres_ckpt), "--data-root", str(gres_root), "--split", GSPLIT[2], "--batch", "8"])
+    recs = load_split(gres_root, *GSPLIT)
+    kinds = got["kinds"]
+    want = {"no-target": sum(r["no_target"] for r in recs),
+            "multi-target": sum(not r["no_target"] and len(r["ann_ids"]) > 1 for r in recs)}
+    want["one-target"] = len(recs) - want["no-target"] - want["multi-target"]
+    assert {k: len(v) for k, v in kinds.items() if len(v)} == {k: n for k, n in want.items() if n}
+    rows = np.concatenate(list(kinds.values()))
+    head, empty, own_empty = rows[:, 0] > 0, rows[:, 1] > 0, rows[:, 2] > 0
+    assert np.array_equal(empty, head | own_empty) and head.any() and not head.all()
+    assert np.array_equal(kinds["no-target"][:, 3], kinds["no-target"][:, 1])
+    assert sum(len(v) for v in got["forms"].values()) == len(recs) - want["no-target"]
+    assert all(" C " in f or " S" in f or "shape" in f or "object" in f or "one" in f for f in got["forms"])
+    assert "head says empty" in capsys.readouterr().out
+
