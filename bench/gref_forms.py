@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> dict:
     from refseg.data import decode_mask, load_split
     from refseg.data.sources.synthetic_expressions import COLORS, SHAPES
     from refseg.infer import Predictor
+    from refseg.metrics import intersection_union
+
+    def iou(pred: np.ndarray, gt: np.ndarray) -> float:
+        i, u = intersection_union(pred, gt)
+        return float(i[0] / max(u[0], 1))
 
     p = Predictor.from_checkpoint(args.checkpoint)
     threshold = p.no_target_threshold
@@ -75,11 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
             if r["no_target"]:
                 kinds["no-target"].append((head, empty, own_empty, float(empty)))
                 continue
-            iou = 0.0 if empty else float((q.mask & gt).sum() / max((q.mask | gt).sum(), 1))
-            kinds["multi-target" if len(r["ann_ids"]) > 1 else "one-target"].append((head, empty, own_empty, iou))
-            own_iou = float((o.mask & gt).sum() / max((o.mask | gt).sum(), 1))
+            shipped_iou = 0.0 if empty else iou(q.mask, gt)
+            kinds["multi-target" if len(r["ann_ids"]) > 1 else "one-target"].append((head, empty, own_empty, shipped_iou))
             kind = "multi" if len(r["ann_ids"]) > 1 else "one"
-            forms[f"{kind:5s} {form(r['sentence'], list(COLORS), list(SHAPES))}"].append((own_iou, float(gt.mean())))
+            forms[f"{kind:5s} {form(r['sentence'], list(COLORS), list(SHAPES))}"].append((iou(o.mask, gt), float(gt.mean())))
 
     print(f"{args.checkpoint}: {args.split}, {len(recs)} samples, no_target_threshold {threshold}")
     print(f"{'kind':13s} {'n':>5s} {'head says empty':>16s} {'mask empty':>11s} {'decoder mask empty':>19s} {'GRES IoU':>9s}")
