@@ -4,9 +4,9 @@ expression form (issue 21's diagnosis, BENCHMARKS.md "gRefCOCO", session 16).
     python bench/gref_forms.py runs/debug_grefcoco                       # a run dir, model.pt or artifact
     python bench/gref_forms.py runs/debug_grefcoco --split val --top 30 --data-root data/synthetic_grefcoco
 
-Every (ref, sentence) of the split goes through ``Predictor`` twice over: as shipped (the no-target head
-clears a mask above ``model.no_target_threshold``) and with the head's clearing off (the decoder's mask
-alone). Printed:
+Every (ref, sentence) of the split goes once through ``Predictor`` with the head's clearing off (the
+decoder's own mask and the head's probability); the shipped prediction is that mask cleared where the
+probability exceeds ``model.no_target_threshold``, as ``Predictor`` does. Printed:
 
 - per kind (one-target / multi-target / no-target): how often the head says "no target", how often the
   shipped mask is empty (= a no-target prediction under GRES), how often the decoder's own mask is
@@ -62,28 +62,27 @@ def main(argv: list[str] | None = None) -> dict:
 
     p = Predictor.from_checkpoint(args.checkpoint)
     threshold = p.no_target_threshold
+    p.no_target_threshold = 1.0  # sigmoid never exceeds 1: the head clears nothing, the decoder's own mask
     recs = load_split(args.data_root, "grefcoco", "unc", args.split)
     kinds: dict[str, list[tuple[bool, bool, bool, float]]] = defaultdict(list)
     forms: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for start in range(0, len(recs), args.batch):
         rs = recs[start:start + args.batch]
-        images, texts = [r["image_path"] for r in rs], [r["sentence"] for r in rs]
-        p.no_target_threshold = threshold
-        shipped = p.predict_batch(images, texts)
-        p.no_target_threshold = 1.0  # sigmoid never exceeds 1: the head clears nothing
-        own = p.predict_batch(images, texts)
-        if shipped[0].no_target_prob is None:
+        own = p.predict_batch([r["image_path"] for r in rs], [r["sentence"] for r in rs])
+        if own[0].no_target_prob is None:
             raise SystemExit(f"{args.checkpoint}: this model has no no-target head (model.no_target_head=false).")
-        for r, q, o in zip(rs, shipped, own):
+        for r, o in zip(rs, own):
             gt = decode_mask(r) > 0
-            head, empty, own_empty = q.no_target_prob > threshold, not q.mask.any(), not o.mask.any()
+            # as shipped, Predictor clears the decoder's mask where the head's probability exceeds the threshold
+            head, own_empty = o.no_target_prob > threshold, not o.mask.any()
+            empty = head or own_empty
             if r["no_target"]:
                 kinds["no-target"].append((head, empty, own_empty, float(empty)))
                 continue
-            shipped_iou = 0.0 if empty else iou(q.mask, gt)
-            kinds["multi-target" if len(r["ann_ids"]) > 1 else "one-target"].append((head, empty, own_empty, shipped_iou))
+            own_iou = iou(o.mask, gt)
             kind = "multi" if len(r["ann_ids"]) > 1 else "one"
-            forms[f"{kind:5s} {form(r['sentence'], list(COLORS), list(SHAPES))}"].append((iou(o.mask, gt), float(gt.mean())))
+            kinds[f"{kind}-target"].append((head, empty, own_empty, 0.0 if head else own_iou))
+            forms[f"{kind:5s} {form(r['sentence'], list(COLORS), list(SHAPES))}"].append((own_iou, float(gt.mean())))
 
     print(f"{args.checkpoint}: {args.split}, {len(recs)} samples, no_target_threshold {threshold}")
     print(f"{'kind':13s} {'n':>5s} {'head says empty':>16s} {'mask empty':>11s} {'decoder mask empty':>19s} {'GRES IoU':>9s}")

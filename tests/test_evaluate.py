@@ -280,8 +280,8 @@ def test_predictor_no_target_prob_and_empty_mask(gres_ckpt, ckpt, gres_root):
 
 
 def test_gref_forms_bench_splits_the_score_by_kind_and_form(gres_ckpt, gres_root, capsys):
-    """bench/gref_forms.py: every val sample counted once under its kind; a shipped mask is empty exactly
-    when the head says so or the decoder's own mask is empty; no-target IoU is 1 iff empty; the form
+    """bench/gref_forms.py: every val sample counted once under its kind; its "mask empty" is the shipped
+    Predictor's (the head says so or the decoder's own mask is empty); no-target IoU is 1 iff empty; the form
     table abstracts the synthetic colour and shape words."""
     import sys
 
@@ -298,6 +298,16 @@ def test_gref_forms_bench_splits_the_score_by_kind_and_form(gres_ckpt, gres_root
             "multi-target": sum(not r["no_target"] and len(r["ann_ids"]) > 1 for r in recs)}
     want["one-target"] = len(recs) - want["no-target"] - want["multi-target"]
     assert {k: len(v) for k, v in kinds.items() if len(v)} == {k: n for k, n in want.items() if n}
+    # the bench's shipped call (from one pass with the head's clearing off) is the shipped Predictor's
+    from refseg.infer import Predictor
+
+    shipped = Predictor.from_checkpoint(gres_ckpt).predict_batch([r["image_path"] for r in recs],
+                                                                  [r["sentence"] for r in recs])
+    kind_of = ["no-target" if r["no_target"] else "multi-target" if len(r["ann_ids"]) > 1 else "one-target"
+               for r in recs]
+    for kind, rows in kinds.items():
+        want_empty = [not q.mask.any() for q, k in zip(shipped, kind_of) if k == kind]
+        assert np.array_equal(rows[:, 1] > 0, want_empty), kind
     rows = np.concatenate(list(kinds.values()))
     head, empty, own_empty = rows[:, 0] > 0, rows[:, 1] > 0, rows[:, 2] > 0
     assert np.array_equal(empty, head | own_empty) and head.any() and not head.all()
