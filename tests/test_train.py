@@ -208,7 +208,7 @@ def test_time_budget_fits_the_epochs_and_a_resume_keeps_them(synthetic_root, tmp
     args = ["train", "--config", str(REPO / "configs" / "debug.yaml"),
             "--output-dir", str(out), "--local", f"data.root={synthetic_root}", "data.synthetic=false",
             "data.image_size=64", "data.augment=false", "train.batch_size=4", "train.max_steps_per_epoch=4",
-            "train.val_every=0", "train.checkpoint_every=1", "train.warmup_steps=2",
+            "train.val_every=0", "train.checkpoint_every=1", "train.warmup_steps=2", "train.lr=2e-3",
             "train.epochs=40", "train.time_budget_s=1"]
     env = {**os.environ, "RAY_ADDRESS": ""}
     # the process crashes after step 18 (in epoch 5, after the fit and epoch 4's checkpoint)
