@@ -380,6 +380,46 @@ def test_no_target_head_only_with_the_flag(tmp_path, tokenizer) -> None:
         assert torch.equal(loaded(image, ids, mask)["no_target_logit"], headed(image, ids, mask)["no_target_logit"])
 
 
+def test_no_target_head_is_a_detached_probe(tokenizer) -> None:
+    """With model.no_target_detach the head's BCE trains the head's weights and nothing else: it reads the
+    fused tokens, the sentence feature and the mask logits detached. The mask loss still trains decoder
+    and encoders, and the head's logit still moves with what it reads. Without it (the default) the
+    head's loss reaches the decoder and the encoders too (joint training)."""
+    cfg = preset_config("tiny")
+    cfg.no_target_head = True
+    torch.manual_seed(0)
+    coupled = build_model(cfg).train()
+    cfg.no_target_detach = True
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    ids, mask = encode(tokenizer, SENTENCES[:2], 10)
+    image = torch.randn(2, 3, 64, 64)
+
+    def reached(module: torch.nn.Module) -> bool:
+        return any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in module.parameters())
+
+    def head_loss(m: torch.nn.Module) -> torch.Tensor:
+        logit = m(image, ids, mask)["no_target_logit"]
+        return torch.nn.functional.binary_cross_entropy_with_logits(logit, torch.tensor([1.0, 0.0]))
+
+    head_loss(coupled).backward()
+    assert all(reached(m) for m in (coupled.no_target, coupled.vision, coupled.fusion, coupled.decoder))
+    head_loss(model).backward()
+    assert reached(model.no_target)
+    assert not any(reached(m) for m in (model.vision, model.text, model.fusion, model.decoder))
+    model.zero_grad(set_to_none=True)
+    refseg_loss(model(image, ids, mask)["logits"], torch.zeros(2, 64, 64)).backward()
+    assert all(reached(m) for m in (model.vision, model.text, model.fusion, model.decoder))
+    # what it reads still decides: a bright blob in the mask or other fused tokens change the logit
+    with torch.no_grad():
+        fused, sentence = torch.randn(2, 64, 4, 4), torch.randn(2, 64)
+        dark, bright = torch.full((2, 1, 16, 16), -8.0), torch.full((2, 1, 16, 16), -8.0)
+        bright[:, :, 4:8, 4:8] = 8.0
+        base = model.no_target(fused, sentence, dark)
+        assert not torch.allclose(base, model.no_target(fused, sentence, bright))
+        assert not torch.allclose(base, model.no_target(fused + 1.0, sentence, dark))
+
+
 def test_no_target_head_reads_the_mask_evidence() -> None:
     """The head sees the decoder's logits: with fused tokens and sentence features that say nothing about
     the label (the same for both classes), it still learns to call a sample empty from an empty-looking

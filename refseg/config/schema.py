@@ -87,6 +87,9 @@ class ModelConfig:
     # a sample is empty (mask cleared) when sigmoid(logit) > no_target_threshold. false: the classic model
     no_target_head: bool = False
     no_target_threshold: float = 0.5
+    # true: the head reads its inputs detached (a probe): its BCE trains the head only, and
+    # loss.no_target_pos_weight moves the head's decision without pulling the masks toward empty
+    no_target_detach: bool = False
 
 
 # ----------------------------------------------------------------------------- data

@@ -9,7 +9,15 @@ mask's own evidence -- its largest logit (squashed by tanh(x / 4)) and its mean 
 decoder's full-resolution logits -- go through a two-layer MLP to one logit. The mask evidence is what
 lets the head check the image at the decoder's resolution: on the fused tokens alone (stride 16) a small
 object named by a one-target expression looked like a no-target one, and the head learned the wording
-instead (BENCHMARKS.md, "gRefCOCO", session 16). Built only with ``model.no_target_head``.
+instead (BENCHMARKS.md, "gRefCOCO", session 16).
+
+With ``model.no_target_detach`` the head is a probe: it reads all three inputs detached, so its BCE
+trains the head's own weights and nothing else -- encoders and decoder learn from the mask losses alone
+(the empty-mask loss teaches them to stay dark on no-target samples), and
+``model.loss.no_target_pos_weight`` then moves only the head's decision (coupled, a weight of 2 also
+pulled the masks toward empty: gIoU 0.46 at epoch 24). Off by default (joint training, as ReLA's); on
+the synthetic debug set it raised N-acc and lowered T-acc without changing gIoU over two runs each
+(BENCHMARKS.md, "gRefCOCO", session 19). Built only with ``model.no_target_head``.
 """
 
 from __future__ import annotations
@@ -24,14 +32,17 @@ class NoTargetHead(nn.Module):
 
     MASK_FEATURES = 2  # tanh(max logit / 4), mean probability
 
-    def __init__(self, dim: int, hidden: int | None = None) -> None:
+    def __init__(self, dim: int, hidden: int | None = None, detach: bool = False) -> None:
         super().__init__()
         hidden = hidden or dim
+        self.detach = detach  # read the inputs detached: the head's loss trains the head only
         self.token = nn.Sequential(nn.Conv2d(dim, hidden, 1), nn.GELU())
         self.mlp = nn.Sequential(nn.Linear(2 * hidden + dim + self.MASK_FEATURES, hidden), nn.GELU(),
                                  nn.Linear(hidden, 1))
 
     def forward(self, fused: torch.Tensor, sentence: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.detach:  # a probe: the head's loss trains the head only (module docstring)
+            fused, sentence, logits = fused.detach(), sentence.detach(), logits.detach()
         t = self.token(fused)  # (B, hidden, h, w)
         x = logits.flatten(1).to(t.dtype)  # (B, H*W)
         mask = torch.stack([torch.tanh(x.amax(1) / 4), torch.sigmoid(x).mean(1)], dim=1)  # (B, 2)
