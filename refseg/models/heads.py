@@ -17,7 +17,9 @@ trains the head's own weights and nothing else -- encoders and decoder learn fro
 ``model.loss.no_target_pos_weight`` then moves only the head's decision (coupled, a weight of 2 also
 pulled the masks toward empty: gIoU 0.46 at epoch 24). Off by default (joint training, as ReLA's); on
 the synthetic debug set, with that weight at 1.5, it raised N-acc and lowered T-acc without changing
-gIoU beyond the run-to-run spread (two runs each: BENCHMARKS.md, "gRefCOCO", session 19). Built only with ``model.no_target_head``.
+gIoU beyond the run-to-run spread (two runs each: BENCHMARKS.md, "gRefCOCO", session 19).
+
+Built only with ``model.no_target_head``.
 """
 
 from __future__ import annotations

@@ -118,7 +118,8 @@ def build_model(cfg: str | ModelConfig, pretrained: bool = True) -> RefSegModel:
     vision = _build_vision(cfg, pretrained)  # vision, text, fusion, decoder: the order seeded inits depend on
     text = TextEncoder(build_bert(t.encoder, t.bert_config, pretrained), t.lstm_hidden, t.dim, t.freeze_encoder)
     fusion, decoder = _build_fusion_decoder(cfg, vision)
-    no_target = NoTargetHead(cfg.dim, detach=cfg.no_target_detach) if cfg.no_target_head else None  # built last: classic inits unchanged
+    # the head is built last: classic inits unchanged
+    no_target = NoTargetHead(cfg.dim, detach=cfg.no_target_detach) if cfg.no_target_head else None
     return RefSegModel(vision, text, fusion, decoder, cfg.fusion.level, config=cfg, no_target=no_target)
 
 
