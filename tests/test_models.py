@@ -33,10 +33,13 @@ def tokenizer():
     return load_tokenizer(preset_config("tiny").text)
 
 
-def tiny_model(seed: int = 0, stem_skip: bool = True, **fusion) -> torch.nn.Module:
+def tiny_model(seed: int = 0, stem_skip: bool = True, channels: list[int] | None = None,
+               **fusion) -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = preset_config("tiny")
     cfg.decoder.stem_skip = stem_skip
+    if channels is not None:
+        cfg.decoder.channels = channels
     for k, v in fusion.items():
         setattr(cfg.fusion, k, v)
     return build_model(cfg)
@@ -115,12 +118,17 @@ def test_bf16_autocast_forward_backward(tokenizer) -> None:
 
 @pytest.mark.parametrize("level", [8, 32])
 def test_other_fusion_levels_reach_input_size(tokenizer, level: int) -> None:
-    # at level 32 the 4 decoder stages sit at strides 16, 8, 4, 2: no stage before the last at stride 2
-    model = tiny_model(level=level, stem_skip=level != 32)
+    # at level 32 the 4 decoder stages sit at strides 16, 8, 4, 2: no stage before the last at stride 2;
+    # at level 8 three stages (strides 4, 2, 1) reach the input, a fourth would end at stride 0.5
+    channels = [16, 16, 8] if level == 8 else None
+    model = tiny_model(level=level, stem_skip=level != 32, channels=channels)
     ids, mask = encode(tokenizer, SENTENCES[:2], 8)
-    assert model(torch.randn(2, 3, 64, 64), ids, mask)["logits"].shape == (2, 1, 64, 64)
+    out = model(torch.randn(2, 3, 64, 64), ids, mask)["logits"]
+    assert out.shape == (2, 1, 64, 64) and model.decoder.strides[-1] == (1.0 if level == 8 else 2.0)
     with pytest.raises(ValueError, match=r"stem_skip needs a decoder stage at stride 2.*\[16, 8, 4, 2\]"):
         tiny_model(level=32, stem_skip=True)
+    with pytest.raises(ValueError, match=r"fusion.level=8 the 4 decoder.channels end at stride 0.5 .*\[16, 16, 8\]"):
+        tiny_model(level=8)
 
 
 def test_stem_skip_starts_as_identity_then_learns(tokenizer) -> None:

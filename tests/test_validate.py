@@ -57,6 +57,9 @@ CASES = [  # (values, the sentence validate(cfg) raises, exactly)
     ({"model__fusion__level": 8, "model__decoder__channels": [32, 16], "model__decoder__stem_skip": True},
      ("model: decoder.stem_skip needs a decoder stage at stride 2 before the last one; with fusion.level=8 and 2 "
      "decoder.channels the stages sit at strides [4, 2]: add a channel or set stem_skip=false.")),
+    ({"model__fusion__level": 8},
+     ("model: with fusion.level=8 the 4 decoder.channels end at stride 0.5 (logits at 2x the input size, resized "
+      "back down: the finest stages' work is wasted); give at most 3, e.g. decoder.channels=[64, 32, 16].")),
     ({"data__source": "hdf5"}, "data.source 'hdf5' is not one of refer | parquet | manifest"),
     ({"data__source": "parquet"}, "data.source is 'parquet' but data.parquet is not set; give the shards root"),
     ({"data__source": "manifest"}, "data.source is 'manifest' but data.manifest is not set; give its path"),
@@ -123,8 +126,8 @@ def test_good_configs_pass():
     validate_sweep(Config())
     validate(with_values(train__time_budget_s=None, model__fusion__num_layers=0, model__fusion__num_heads=3,
                          model__dim=64, data__min_scale=1.0, data__hflip_prob=0.0))
-    validate(with_values(model__fusion__level=8, model__decoder__stem_skip=True, data__source="parquet",
-                         data__parquet="shards/"))
+    validate(with_values(model__fusion__level=8, model__decoder__channels=[64, 32, 16], model__decoder__stem_skip=True,
+                         data__source="parquet", data__parquet="shards/"))
     validate_sweep(with_values(tune__metric="loss", tune__mode="min", train__val_every=0))
     shipped = sorted((REPO / "configs").glob("*.yaml"))
     assert len(shipped) >= 3
