@@ -100,16 +100,6 @@ def validate_deepspeed(ds: DeepSpeedConfig) -> None:
         raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}")
 
 
-def decoder_overshoot(level: int, channels: list[int]) -> str:
-    """The sentence for decoder stages that would end finer than the input (stride < 1): each stage
-    upsamples 2x from ``level``, and a map finer than the image is only resized back down."""
-    keep = int(math.log2(level))  # stages from stride `level` down to 1
-    end = level / 2 ** len(channels)
-    return (f"with fusion.level={level} the {len(channels)} decoder.channels end at stride {end:g} (logits at "
-            f"{1 / end:g}x the input size, resized back down: the finest stages' work is wasted); give at most "
-            f"{keep}, e.g. decoder.channels={channels[-keep:]}.")
-
-
 def validate_model(model: ModelConfig) -> None:
     """The layout arithmetic of ``model``: fusion.level, model.dim vs fusion.num_heads, the decoder stages."""
     f, d = model.fusion, model.decoder
@@ -131,8 +121,12 @@ def validate_model(model: ModelConfig) -> None:
     if not model.loss.empty_mask_weight >= 0.0:
         raise ConfigError(f"model: loss.empty_mask_weight must be 0 or more, got {model.loss.empty_mask_weight}.")
     strides = [f.level / 2 ** (i + 1) for i in range(len(d.channels))]  # each decoder stage upsamples 2x
-    if strides[-1] < 1:
-        raise ConfigError(f"model: {decoder_overshoot(f.level, list(d.channels))}")
+    if strides[-1] < 1:  # finer than the input: the map is only resized back down
+        keep = int(math.log2(f.level))  # stages from stride `level` down to 1
+        raise ConfigError(
+            f"model: with fusion.level={f.level} the {len(d.channels)} decoder.channels end at stride {strides[-1]:g} "
+            f"(logits at {1 / strides[-1]:g}x the input size, resized back down: the finest stages' work is wasted); "
+            f"give at most {keep}, e.g. decoder.channels={list(d.channels)[-keep:]}.")
     if d.stem_skip and 2.0 not in strides[:-1]:
         raise ConfigError(
             f"model: decoder.stem_skip needs a decoder stage at stride 2 before the last one; with fusion.level="
