@@ -388,13 +388,15 @@ def test_no_target_head_only_with_the_flag(tmp_path, tokenizer) -> None:
         assert torch.equal(loaded(image, ids, mask)["no_target_logit"], headed(image, ids, mask)["no_target_logit"])
 
 
-def test_no_target_head_is_a_detached_probe(tokenizer) -> None:
+@pytest.mark.parametrize("region", [False, True])
+def test_no_target_head_is_a_detached_probe(tokenizer, region: bool) -> None:
     """With model.no_target_detach the head's BCE trains the head's weights and nothing else: it reads the
-    fused tokens, the sentence feature and the mask logits detached. The mask loss still trains decoder
-    and encoders, and the head's logit still moves with what it reads. Without it (the default) the
-    head's loss reaches the decoder and the encoders too (joint training)."""
+    fused tokens, the sentence feature and the mask logits (and, with model.no_target_region, the vision
+    maps) detached. The mask loss still trains decoder and encoders, and the head's logit still moves with
+    what it reads. Without it (the default) the head's loss reaches the decoder and the encoders too."""
     cfg = preset_config("tiny")
     cfg.no_target_head = True
+    cfg.no_target_region = region
     torch.manual_seed(0)
     coupled = build_model(cfg).train()
     cfg.no_target_detach = True
@@ -423,9 +425,13 @@ def test_no_target_head_is_a_detached_probe(tokenizer) -> None:
         fused, sentence = torch.randn(2, 64, 4, 4), torch.randn(2, 64)
         dark, bright = torch.full((2, 1, 16, 16), -8.0), torch.full((2, 1, 16, 16), -8.0)
         bright[:, :, 4:8, 4:8] = 8.0
-        base = model.no_target(fused, sentence, dark)
-        assert not torch.allclose(base, model.no_target(fused, sentence, bright))
-        assert not torch.allclose(base, model.no_target(fused + 1.0, sentence, dark))
+        maps = (torch.randn(2, 64, 4, 4),) if region else ()  # the stride-4 + stride-8 maps (2 x fpn 32)
+        base = model.no_target(fused, sentence, dark, *maps)
+        assert not torch.allclose(base, model.no_target(fused, sentence, bright, *maps))
+        assert not torch.allclose(base, model.no_target(fused + 1.0, sentence, dark, *maps))
+        if region:
+            lit = model.no_target(fused, sentence, bright, *maps)
+            assert not torch.allclose(lit, model.no_target(fused, sentence, bright, maps[0] + 1.0))
 
 
 def test_no_target_head_reads_the_mask_evidence() -> None:
@@ -456,6 +462,39 @@ def test_no_target_head_reads_the_mask_evidence() -> None:
         swapped = logits.clone()
         swapped[[0, 1]] = logits[[1, 0]]
         assert (torch.sigmoid(head(fused, sentence, swapped)) > 0.5)[:2].tolist() == [True, False]
+
+
+def test_no_target_head_checks_what_lies_under_the_mask() -> None:
+    """With model.no_target_region the head reads the fine vision maps where the mask is: two classes with
+    the same fused tokens, sentence and mask logits (one blob at the same place), told apart only by the
+    features under the blob, are learned (a distractor with the opposite pattern lies outside the mask);
+    swapping two samples' features under the blob swaps their calls."""
+    from refseg.models.heads import NoTargetHead
+
+    torch.manual_seed(0)
+    head = NoTargetHead(8, region_channels=4)
+    n = 16
+    fused, sentence = torch.randn(1, 8, 3, 3).expand(n, -1, -1, -1), torch.randn(1, 8).expand(n, -1)
+    label = torch.tensor([0.0, 1.0] * (n // 2))
+    logits = torch.full((n, 1, 24, 24), -6.0)
+    logits[:, :, 4:12, 4:12] = 6.0  # the predicted object: region cells 1..2 of the 6 x 6 map
+    region = 0.1 * torch.randn(n, 4, 6, 6)
+    under = torch.where(label.bool(), -1.0, 1.0)[:, None]  # what the object looks like: class-dependent
+    region[:, 0, 1:3, 1:3] += under[..., None]
+    region[:, 1, 4:6, 4:6] -= under[..., None]  # the opposite pattern elsewhere (not under the mask)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(fused, sentence, logits, region), label)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        assert (torch.sigmoid(head(fused, sentence, logits, region)) > 0.5).tolist() == label.bool().tolist()
+        assert float(loss) < 0.05
+        # the calls follow the features under the mask, not the sample's position in the batch
+        moved = region.clone()
+        moved[[0, 1], 0, 1:3, 1:3] = region[[1, 0], 0, 1:3, 1:3]
+        assert (torch.sigmoid(head(fused, sentence, logits, moved)) > 0.5)[:2].tolist() == [True, False]
 
 
 def test_public_api_resolves() -> None:

@@ -71,9 +71,11 @@ def test_bad_opset_is_a_usage_error(exported, tmp_path):
     assert main(["export-onnx", "--checkpoint", str(ckpt), "--out", str(tmp_path / "m.onnx"), "--opset", "5"]) == 2
 
 
-def test_no_target_head_is_a_second_output(tmp_path):
-    """A gRefCOCO model's graph also returns the no-target logit, equal to PyTorch's; its threshold is in the
-    metadata (a runtime that dropped it would segment "the purple star" where there is none)."""
+@pytest.mark.parametrize("region", [False, True])
+def test_no_target_head_is_a_second_output(tmp_path, region):
+    """A gRefCOCO model's graph also returns the no-target logit, equal to PyTorch's (with the head reading
+    the vision maps under the mask too: model.no_target_region); its threshold is in the metadata (a
+    runtime that dropped it would segment "the purple star" where there is none)."""
     import torch
 
     from refseg.cli import main
@@ -83,7 +85,8 @@ def test_no_target_head_is_a_second_output(tmp_path):
     from refseg.models import build_model
     from refseg.models.export import save_model
 
-    cfg = config_from_dict({"model": {"preset": "tiny", "no_target_head": True, "no_target_threshold": 0.3},
+    cfg = config_from_dict({"model": {"preset": "tiny", "no_target_head": True, "no_target_threshold": 0.3,
+                                      "no_target_region": region},
                             "data": {"image_size": IMAGE_SIZE}})
     torch.manual_seed(1)
     model = build_model(cfg.model, pretrained=False).eval()

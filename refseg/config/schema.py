@@ -90,6 +90,9 @@ class ModelConfig:
     # true: the head reads its inputs detached (a probe): its BCE trains the head only, and
     # loss.no_target_pos_weight moves the head's decision without pulling the masks toward empty
     no_target_detach: bool = False
+    # true: the head also reads the vision encoder's stride-4 / stride-8 maps averaged under the predicted
+    # mask, matched with the sentence: it checks the object the mask found, not only the wording
+    no_target_region: bool = False
 
 
 # ----------------------------------------------------------------------------- data

@@ -67,7 +67,12 @@ class RefSegModel(nn.Module):
             logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
         out = {"logits": logits[..., :H, :W]}
         if self.no_target is not None:
-            out["no_target_logit"] = self.no_target(fused, sent, out["logits"])  # (B,)
+            region = None
+            if self.no_target.region is not None:  # the stride-4 and stride-8 vision maps, at stride 4
+                f4 = feats[4]
+                region = torch.cat([f4, F.interpolate(feats[8], size=f4.shape[-2:], mode="nearest")], dim=1)
+                region = region[..., : math.ceil(H / 4), : math.ceil(W / 4)]
+            out["no_target_logit"] = self.no_target(fused, sent, out["logits"], region)  # (B,)
         if return_attn:
             if attn is None:
                 raise ValueError("return_attn=True needs fusion.num_layers >= 1.")
@@ -119,7 +124,9 @@ def build_model(cfg: str | ModelConfig, pretrained: bool = True) -> RefSegModel:
     text = TextEncoder(build_bert(t.encoder, t.bert_config, pretrained), t.lstm_hidden, t.dim, t.freeze_encoder)
     fusion, decoder = _build_fusion_decoder(cfg, vision)
     # the head is built last: classic inits unchanged
-    no_target = NoTargetHead(cfg.dim, detach=cfg.no_target_detach) if cfg.no_target_head else None
+    no_target = (NoTargetHead(cfg.dim, detach=cfg.no_target_detach,
+                             region_channels=2 * cfg.vision.fpn_channels if cfg.no_target_region else 0)
+                 if cfg.no_target_head else None)
     return RefSegModel(vision, text, fusion, decoder, cfg.fusion.level, config=cfg, no_target=no_target)
 
 
