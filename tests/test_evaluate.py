@@ -313,5 +313,27 @@ def test_gref_forms_bench_splits_the_score_by_kind_and_form(gres_ckpt, gres_root
     assert np.array_equal(kinds["no-target"][:, 3], kinds["no-target"][:, 1])
     assert sum(len(v) for v in got["forms"].values()) == len(recs) - want["no-target"]
     assert all(" C " in f or " S" in f or "shape" in f or "object" in f or "one" in f for f in got["forms"])
-    assert "head says empty" in capsys.readouterr().out
+    assert np.array_equal(got["no_target"], [bool(r["no_target"]) for r in recs])
+    assert np.allclose(got["prob"], [q.no_target_prob for q in shipped], atol=1e-6)
+    out = capsys.readouterr().out
+    assert "head says empty" in out and f"head: AUC {got['auc']:.4f}" in out
+
+
+def test_gref_forms_head_ranking_by_hand():
+    """AUC = the share of (no-target, target) pairs ranked the right way round (ties half); the best T-acc
+    over thresholds keeping N-acc >= 0.85."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.gref_forms import head_ranking
+
+    nt = np.array([True, True, False, False, False])
+    assert head_ranking(np.array([0.9, 0.8, 0.3, 0.2, 0.6]), nt) == (1.0, 1.0)
+    # pairs (0.9 vs 0.3, 0.2, 0.6) right, (0.5 vs 0.3, 0.2) right, (0.5 vs 0.6) wrong: 5 / 6; keeping both
+    # no-target samples called (threshold < 0.5) leaves 0.6 called too: T-acc 2 / 3
+    auc, best = head_ranking(np.array([0.9, 0.5, 0.3, 0.2, 0.6]), nt)
+    assert auc == 5 / 6 and best == 2 / 3
+    assert head_ranking(np.array([0.4, 0.4]), np.array([True, False])) == (0.5, 0.0)
+    auc, best = head_ranking(np.array([0.4, 0.1]), np.array([False, False]))
+    assert np.isnan(auc) and best is None
 
