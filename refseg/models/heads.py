@@ -23,12 +23,12 @@ gIoU beyond the run-to-run spread (two runs each: BENCHMARKS.md, "gRefCOCO", ses
 
 With ``model.no_target_region`` the head also checks what lies under the predicted mask: the vision
 encoder's stride-4 and stride-8 maps (the stride-8 one upsampled, concatenated) averaged with the mask's
-probabilities as weights, layer-normed, projected, and multiplied with a projection of the sentence feature
-(the match term) go into the MLP too. The fused tokens alone (stride 16) let a probe head learn the wording: on the
-synthetic set, where two thirds of the "the <colour> <shape>" sentences are no-target, it called 50 of
-the 53 one-target ones empty; reading the object under the mask it called 3 (val AUC of the head's
-probability 0.94 -> 0.98, two runs each: BENCHMARKS.md, "gRefCOCO", session 21). Off by default, so
-existing checkpoints load as they were written.
+probabilities as weights, layer-normed, projected, and multiplied with a projection of the sentence
+feature (the match term) go into the MLP too. The fused tokens alone (stride 16) let a probe head learn
+the wording: on the synthetic set, where two thirds of the "the <colour> <shape>" sentences are no-target,
+it called 50 of the 53 one-target ones empty; reading the object under the mask it called 3 (val AUC of
+the head's probability 0.94 -> 0.98, in every run: BENCHMARKS.md, "gRefCOCO", session 21). Off by
+default, so existing checkpoints load as they were written.
 
 Built only with ``model.no_target_head``.
 """
