@@ -68,10 +68,11 @@ class RefSegModel(nn.Module):
         out = {"logits": logits[..., :H, :W]}
         if self.no_target is not None:
             region = None
-            if self.no_target.region is not None:  # the stride-4 and stride-8 vision maps, at stride 4
-                f4 = feats[4]
-                region = torch.cat([f4, F.interpolate(feats[8], size=f4.shape[-2:], mode="nearest")], dim=1)
-                region = region[..., : math.ceil(H / 4), : math.ceil(W / 4)]
+            if self.no_target.region is not None:  # the maps at the head's region stride and the next coarser one
+                s = self.no_target.region_stride
+                fine = feats[s]
+                region = torch.cat([fine, F.interpolate(feats[2 * s], size=fine.shape[-2:], mode="nearest")], dim=1)
+                region = region[..., : math.ceil(H / s), : math.ceil(W / s)]
             out["no_target_logit"] = self.no_target(fused, sent, out["logits"], region)  # (B,)
         if return_attn:
             if attn is None:
