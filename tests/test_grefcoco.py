@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 from refer_fixtures import GREF_SIZE, write_grefcoco_set, write_tampered_pickle
 
 from refseg.cli import main
-from refseg.config import ConfigError, DataConfig
+from refseg.config import ConfigError, DataConfig, load_config
 from refseg.config.presets import tiny
 from refseg.config.validate import validate_data
 from refseg.data import (
@@ -33,6 +33,7 @@ from refseg.data import (
 from refseg.data.refs import refs_table
 from refseg.data.samples import SampleOptions
 from refseg.data.sources.synthetic_expressions import Obj
+from refseg.data.transforms import preprocess
 from refseg.data.sources.synthetic_generalized import (
     Group,
     group_referents,
@@ -241,6 +242,32 @@ def test_generalized_synthetic_set_is_verified_and_mixed(tmp_path):
     assert 0.5 < marker["refs"]["one"] / total < 0.7 and 0.12 < marker["refs"]["none"] / total < 0.3
     assert 0.1 < marker["refs"]["multi"] / total < 0.3 and min(kinds.values()) > 0
     assert sum(kinds.values()) == marker["sentences"]
+
+
+def test_debug_config_keeps_the_synthetic_shapes_as_drawn(tmp_path):
+    """The shape words name the drawn geometry ("square" vs "rectangle"); configs/debug_grefcoco.yaml must not
+    squash an elongated scene's square into a rectangle on the way to the model (a plain resize does)."""
+    data = load_config("configs/debug_grefcoco.yaml").data
+    root = make_generalized_synthetic(tmp_path / "g", num_images=24, seed=3)
+    cats = {c["id"]: c["name"] for c in json.loads((root / "grefcoco" / "instances.json").read_text())["categories"]}
+    seen = 0
+    for split in SPLITS:
+        for r in load_split(root, "grefcoco", "unc", split):
+            w, h = r["width"], r["height"]
+            if len(r["ann_ids"]) != 1 or cats[r["category_id"]] not in ("square", "circle") or max(w, h) < 1.5 * min(w, h):
+                continue
+            seen += 1
+            mask, blank = decode_mask(r), np.zeros((h, w, 3), np.uint8)
+
+            def aspect(m: np.ndarray) -> float:
+                ys, xs = np.nonzero(m)
+                return (xs.max() - xs.min() + 1) / (ys.max() - ys.min() + 1)
+
+            _, shipped = preprocess(blank, mask, data.image_size, data.keep_aspect)
+            _, plain = preprocess(blank, mask, data.image_size, keep_aspect=False)
+            assert abs(aspect(shipped) - aspect(mask)) < 0.25, (r["sentence"], aspect(shipped), aspect(mask))
+            assert abs(aspect(plain) - aspect(mask)) > 0.35  # what the setting prevents
+    assert seen >= 3
 
 
 def test_synth_cli_and_config_make_the_generalized_set(tmp_path, capsys):
