@@ -33,13 +33,13 @@ from refseg.data import (
 from refseg.data.refs import refs_table
 from refseg.data.samples import SampleOptions
 from refseg.data.sources.synthetic_expressions import Obj
-from refseg.data.transforms import preprocess
 from refseg.data.sources.synthetic_generalized import (
     Group,
     group_referents,
     make_generalized_synthetic,
     meant,
 )
+from refseg.data.transforms import preprocess
 from refseg.models import load_tokenizer
 
 SPLITS = ("train", "val", "testA", "testB")
@@ -250,6 +250,11 @@ def test_debug_config_keeps_the_synthetic_shapes_as_drawn(tmp_path):
     data = load_config("configs/debug_grefcoco.yaml").data
     root = make_generalized_synthetic(tmp_path / "g", num_images=24, seed=3)
     cats = {c["id"]: c["name"] for c in json.loads((root / "grefcoco" / "instances.json").read_text())["categories"]}
+
+    def aspect(m: np.ndarray) -> float:  # the mask's bounding-box width / height
+        ys, xs = np.nonzero(m)
+        return (xs.max() - xs.min() + 1) / (ys.max() - ys.min() + 1)
+
     seen = 0
     for split in SPLITS:
         for r in load_split(root, "grefcoco", "unc", split):
@@ -258,11 +263,6 @@ def test_debug_config_keeps_the_synthetic_shapes_as_drawn(tmp_path):
                 continue
             seen += 1
             mask, blank = decode_mask(r), np.zeros((h, w, 3), np.uint8)
-
-            def aspect(m: np.ndarray) -> float:
-                ys, xs = np.nonzero(m)
-                return (xs.max() - xs.min() + 1) / (ys.max() - ys.min() + 1)
-
             _, shipped = preprocess(blank, mask, data.image_size, data.keep_aspect)
             _, plain = preprocess(blank, mask, data.image_size, keep_aspect=False)
             assert abs(aspect(shipped) - aspect(mask)) < 0.25, (r["sentence"], aspect(shipped), aspect(mask))
