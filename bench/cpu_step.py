@@ -252,7 +252,7 @@ def worker_loop(config: dict) -> None:
     engine, _ = setup_engine(cfg, total_steps=10_000, device=ctx.device)
     setup_s = time.perf_counter() - t_setup
     engine.train()
-    epoch = train_batches(ray.train.get_dataset_shard("train"), cfg)
+    epoch, _ = train_batches(ray.train.get_dataset_shard("train"), cfg)
     lw = (cfg.model.loss.bce_weight, cfg.model.loss.dice_weight)
     phases: dict[str, list[float]] = {k: [] for k in ("data", "inputs", "forward", "backward", "step", "sync", "total",
                                                      "cpu")}

@@ -153,6 +153,11 @@ class TrainConfig:
     weight_decay: float = 1e-2
     warmup_steps: int = 0
     poly_power: float = 0.9
+    # after the last epoch's steps, refit the no-target head (all but its token conv) on the final model's
+    # eval-mode features of up to no_target_refit_samples training samples: at most this many passes, the
+    # pass with the best held-out BCE kept (refseg/train/refit.py); 0 = off. Needs model.no_target_head
+    no_target_refit_epochs: int = 0
+    no_target_refit_samples: int = 8192  # over all workers
     grad_accum: int = 1
     grad_clip: float = 1.0
     precision: str = "bf16"  # bf16 | fp16 | fp32

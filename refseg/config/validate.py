@@ -41,6 +41,25 @@ def validate(cfg: Config) -> None:
     validate_model(cfg.model)
     validate_deepspeed(cfg.deepspeed)
     validate_data(cfg.data)
+    validate_refit(cfg)
+
+
+def validate_refit(cfg: Config) -> None:
+    """train.no_target_refit_epochs / _samples against the model and the precision."""
+    t = cfg.train
+    if t.no_target_refit_epochs < 0:
+        raise ConfigError(f"train.no_target_refit_epochs must be 0 (off) or more passes, got {t.no_target_refit_epochs}")
+    if t.no_target_refit_samples < 10:
+        raise ConfigError(f"train.no_target_refit_samples must be at least 10, got {t.no_target_refit_samples}")
+    if not t.no_target_refit_epochs:
+        return
+    if not cfg.model.no_target_head:
+        raise ConfigError("train.no_target_refit_epochs refits the no-target head, and this model has none: set "
+                          "model.no_target_head: true (generalized data) or train.no_target_refit_epochs: 0")
+    if t.precision == "fp16" and cfg.deepspeed.zero_stage == 0:
+        raise ConfigError("train.no_target_refit_epochs with train.precision=fp16 needs deepspeed.zero_stage 1, 2 "
+                          "or 3 (the refit writes the fp32 master weights, which ZeRO-0's fp16 optimizer keeps "
+                          "out of reach); or use bf16")
 
 
 def validate_precision(precision: str, cuda: bool) -> None:

@@ -19,6 +19,7 @@ the store.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -127,6 +128,13 @@ class ShardCache:
         for b in range(full if num_batches is None else min(num_batches, full)):
             idx = order[b * batch_size:(b + 1) * batch_size]
             yield decode_batch({k: v[idx] for k, v in self.rows.items()}, self.tokenizer, self.opts)
+
+    def every_sentence(self, batch_size: int) -> Any:
+        """Every sentence of every row without augmentation (evaluation samples: the rows in their
+        order, ``batch_size`` rows per batch)."""
+        opts = dataclasses.replace(self.opts, train=False, augment=False)
+        for start in range(0, len(self), batch_size):
+            yield decode_batch({k: v[start:start + batch_size] for k, v in self.rows.items()}, self.tokenizer, opts)
 
 
 class KeptBatches:

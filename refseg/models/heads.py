@@ -4,6 +4,7 @@
     logit = head(fused (B,256,h,w), sentence (B,256), logits (B,1,H,W))   # (B,); sigmoid > threshold = empty
     head = NoTargetHead(dim=256, region_channels=512, region_stride=4)    # model.no_target_region
     logit = head(fused, sentence, logits, region (B,512,H/4,W/4))
+    logit = head.decide(*head.pooled(fused, sentence, logits, region))     # the same, in two halves
 
 A 1x1 conv + GELU turns every fused vision token into match features; their mean and max over the
 image (the max asks "does any location match the expression?"), the fused sentence feature and the
@@ -30,6 +31,10 @@ it called 50 of the 53 one-target ones empty; reading the object under the mask 
 the head's probability 0.94 -> 0.98, in every run: BENCHMARKS.md, "gRefCOCO", session 21). Off by
 default, so existing checkpoints load as they were written.
 
+``forward`` = :meth:`NoTargetHead.decide` of :meth:`NoTargetHead.pooled`: the inputs reduced to one vector
+each (only the token conv has weights there), then everything else. ``train.no_target_refit_epochs``
+refits ``decide``'s weights on the pooled vectors of the final model (refseg/train/refit.py).
+
 Built only with ``model.no_target_head``.
 """
 
@@ -51,6 +56,9 @@ class NoTargetHead(nn.Module):
                  region_channels: int = 0, region_stride: int = 4) -> None:
         super().__init__()
         hidden = hidden or dim
+        # the constructor's arguments: a twin of this head (train.no_target_refit_epochs fits one)
+        self.args = {"dim": dim, "hidden": hidden, "detach": detach, "region_channels": region_channels,
+                     "region_stride": region_stride}
         self.detach = detach  # read the inputs detached: the head's loss trains the head only
         self.token = nn.Sequential(nn.Conv2d(dim, hidden, 1), nn.GELU())
         extra = 0
@@ -67,19 +75,39 @@ class NoTargetHead(nn.Module):
 
     def forward(self, fused: torch.Tensor, sentence: torch.Tensor, logits: torch.Tensor,
                 region: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decide(*self.pooled(fused, sentence, logits, region))
+
+    def pooled(self, fused: torch.Tensor, sentence: torch.Tensor, logits: torch.Tensor,
+               region: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The head's inputs reduced to one vector each per sample: (token mean (B, hidden), token max
+        (B, hidden), sentence (B, dim), mask evidence (B, 2)[, region maps pooled under the mask (B, C)]).
+        Only the token conv has weights here; :meth:`decide` holds the rest (what
+        ``train.no_target_refit_epochs`` refits on these vectors)."""
         if self.detach:  # a probe: the head's loss trains the head only (module docstring)
             fused, sentence, logits = fused.detach(), sentence.detach(), logits.detach()
             region = region.detach() if region is not None else None
         t = self.token(fused)  # (B, hidden, h, w)
         x = logits.flatten(1).to(t.dtype)  # (B, H*W)
         mask = torch.stack([torch.tanh(x.amax(1) / 4), torch.sigmoid(x).mean(1)], dim=1)  # (B, 2)
-        parts = [t.mean((2, 3)), t.amax((2, 3)), sentence, mask]
+        parts = (t.mean((2, 3)), t.amax((2, 3)), sentence, mask)
+        if self.region is None:
+            return parts
+        if region is None:
+            raise ValueError("this no-target head reads the vision maps under the mask "
+                             "(model.no_target_region): pass region (B, C, h, w).")
+        # (B, 1, h, w): the mask's probabilities averaged per map cell (a fixed kernel: ONNX-exportable)
+        w = F.avg_pool2d(torch.sigmoid(logits.to(t.dtype)), self.region_stride, ceil_mode=True)
+        return (*parts, (region.to(t.dtype) * w).sum((2, 3)) / w.sum((2, 3)).clamp_min(1e-3))  # + (B, C)
+
+    def decide(self, token_mean: torch.Tensor, token_max: torch.Tensor, sentence: torch.Tensor, mask: torch.Tensor,
+               region: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`pooled`'s vectors -> the no-target logit (B,)."""
+        parts = [token_mean, token_max, sentence, mask]
         if self.region is not None:
-            if region is None:
-                raise ValueError("this no-target head reads the vision maps under the mask "
-                                 "(model.no_target_region): pass region (B, C, h, w).")
-            # (B, 1, h, w): the mask's probabilities averaged per map cell (a fixed kernel: ONNX-exportable)
-            w = F.avg_pool2d(torch.sigmoid(logits.to(t.dtype)), self.region_stride, ceil_mode=True)
-            r = self.region((region.to(t.dtype) * w).sum((2, 3)) / w.sum((2, 3)).clamp_min(1e-3))  # (B, hidden)
+            r = self.region(region)  # (B, hidden)
             parts += [r, r * self.region_sentence(sentence)]
         return self.mlp(torch.cat(parts, dim=1))[:, 0]  # (B,)
+
+    def decision_modules(self) -> list[nn.Module]:
+        """The submodules :meth:`decide` trains (everything but the token conv)."""
+        return [m for m in (self.region, self.region_sentence, self.mlp) if m is not None]

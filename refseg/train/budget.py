@@ -59,17 +59,20 @@ class TimeBudget:
 
     ``seconds``: train.time_budget_s; ``most_epochs``: train.epochs as configured (a fit never exceeds
     it); ``t0``: ``time.time()`` when this ``refseg train`` call started; ``spent_before_s``: what
-    earlier calls of the run spent; ``walls``: ``time.time()`` after each epoch this process ran."""
+    earlier calls of the run spent; ``walls``: ``time.time()`` after each epoch this process ran;
+    ``reserve_epochs``: epochs' worth of seconds kept free for work after the last epoch
+    (train.no_target_refit_epochs: one)."""
 
     seconds: float
     most_epochs: int
     t0: float
     spent_before_s: float
     walls: list[float] = dataclasses.field(default_factory=list)
+    reserve_epochs: int = 0
 
     @classmethod
-    def start(cls, seconds: float, most_epochs: int, state: RunState, t0: float) -> TimeBudget:
-        return cls(float(seconds), most_epochs, t0, budget_spent_before(state, t0))
+    def start(cls, seconds: float, most_epochs: int, state: RunState, t0: float, reserve_epochs: int = 0) -> TimeBudget:
+        return cls(float(seconds), most_epochs, t0, budget_spent_before(state, t0), reserve_epochs=reserve_epochs)
 
     def record(self, state: RunState, now: float) -> None:
         """An epoch (with its validation) ended at ``now``: count its seconds into the run state."""
@@ -90,6 +93,6 @@ class TimeBudget:
 
     def fit(self, state: RunState) -> int:
         """The epoch count for the time left (the smallest of every rank), saved as ``state.epochs``."""
-        left = self.seconds * (1 - BUDGET_MARGIN) - state.budget_used_s
+        left = self.seconds * (1 - BUDGET_MARGIN) - state.budget_used_s - self.reserve_epochs * self.per_epoch_s()
         state.epochs = all_reduce_min(fit_epochs(state.epoch, self.per_epoch_s(), left, self.most_epochs))
         return state.epochs

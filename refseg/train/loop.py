@@ -89,10 +89,12 @@ def shard_cache(shard, cfg: Config) -> tuple[Any, int]:
     return cache, all_reduce_min(len(cache) // cfg.train.batch_size)
 
 
-def train_batches(shard, cfg: Config) -> Callable[[dict | None], Iterable[dict]]:
-    """A function giving one epoch of this rank's training batches: re-sampled from the rows decoded once
-    (data.cache, pulled on the first epoch) or streamed from its Ray Data shard. Given a stopped run's
-    ``RunState.partial``, the rest of that epoch: the rows it has not trained."""
+def train_batches(shard, cfg: Config) -> tuple[Callable[[dict | None], Iterable[dict]], Callable[[], Iterable[dict]]]:
+    """Two functions: one epoch of this rank's training batches, re-sampled from the rows decoded once
+    (data.cache, pulled on the first epoch) or streamed from its Ray Data shard (given a stopped run's
+    ``RunState.partial``, the rest of that epoch: the rows it has not trained); and the samples of
+    ``train.no_target_refit_epochs``: every sentence of the cached rows without augmentation, or without
+    data.cache a further pass of the stream."""
     size = cfg.train.batch_size
     cached = functools.cache(lambda: shard_cache(shard, cfg))
 
@@ -106,7 +108,10 @@ def train_batches(shard, cfg: Config) -> Callable[[dict | None], Iterable[dict]]
             return batches
         return unseen_batches(batches, partial["seen"], size, SPARE_STEPS * size * cfg.train.grad_accum)
 
-    return epoch
+    def refit_samples() -> Iterable[dict]:
+        return cached()[0].every_sentence(cfg.eval.batch_size) if cfg.data.cache else epoch(None)
+
+    return epoch, refit_samples
 
 
 def val_batches(shards: list, cfg: Config) -> Iterable[dict]:
@@ -127,6 +132,22 @@ def fit_budget(budget: TimeBudget, cfg: Config, state: RunState, scheduler, ctx:
             f"per epoch -> {n} epochs (train.epochs={budget.most_epochs} at most); the LR schedule now ends at "
             f"step {n * ctx.steps_per_epoch}")
     return with_epochs(cfg, n)
+
+
+def refit(engine, samples: Iterable[dict], cfg: Config, ctx: WorkerContext) -> dict:
+    """train.no_target_refit_epochs (refseg/train/refit.py), with a line on rank 0."""
+    from refseg.train.refit import refit_no_target
+
+    start = time.time()
+    report = refit_no_target(engine, samples, cfg, ctx)
+    if ctx.rank == 0:
+        if report.get("refit_samples"):
+            say(f"no-target head refitted on {report['refit_samples']} training samples in {time.time() - start:.1f} s: "
+                f"held-out BCE {report['refit_heldout_bce_before']:.4f} -> {report['refit_heldout_bce']:.4f} "
+                f"(pass {report['refit_epochs']} of {cfg.train.no_target_refit_epochs})")
+        else:
+            say("no-target head not refitted: no training samples reached the refit")
+    return report
 
 
 def save_stopped(engine, cfg: Config, state: RunState, ctx: WorkerContext, run: LoopConfig,
@@ -168,7 +189,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state = restore(engine, run)
     budget = None
     if cfg.train.time_budget_s:
-        budget = TimeBudget.start(cfg.train.time_budget_s, cfg.train.epochs, state, run.t0)
+        budget = TimeBudget.start(cfg.train.time_budget_s, cfg.train.epochs, state, run.t0,
+                                  reserve_epochs=int(cfg.train.no_target_refit_epochs > 0))  # the refit's time
         if state.epochs:  # fitted to the budget before this restart / resume: keep it
             cfg = with_epochs(cfg, min(cfg.train.epochs, state.epochs))
     set_schedule_total(scheduler, run.steps_per_epoch * cfg.train.epochs)  # a checkpoint's count or the config's
@@ -180,7 +202,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     watch = StopWatch(run.stop)
     log = open_run_log(cfg, run.output_dir, ctx.rank, state.global_step)  # rank 0: epoch files and trackers
-    next_epoch = train_batches(ray.train.get_dataset_shard("train"), cfg)
+    next_epoch, refit_samples = train_batches(ray.train.get_dataset_shard("train"), cfg)
     val = val_batches([ray.train.get_dataset_shard(f"val_{r}") for r in range(ctx.rank, run.val_shards, ctx.world)],
                       cfg) if cfg.train.val_every else None
     saved_step = None if state == RunState() else state.global_step  # the global step of the latest checkpoint
@@ -192,6 +214,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             return
         metrics = {"epoch": state.epoch + 1, "step": state.global_step, "lr": max(scheduler.get_last_lr()), **stats}
         last = state.epoch + 1 == cfg.train.epochs
+        if last and cfg.train.no_target_refit_epochs:  # before the last validation and checkpoint
+            metrics.update(refit(engine, refit_samples(), cfg, ctx))
         validate_now, checkpoint = epoch_actions(state.epoch + 1, cfg.train)
         if val is not None and validate_now:
             metrics.update(validate(engine, val, ctx, cfg))
