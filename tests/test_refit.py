@@ -114,7 +114,8 @@ def test_debug_grefcoco_config_refits():
 
 
 @pytest.mark.slow
-def test_ray_run_refits_the_head_and_exports_what_it_validated(ray_session, tmp_path):
+@pytest.mark.parametrize("stage", [0, 3])
+def test_ray_run_refits_the_head_and_exports_what_it_validated(ray_session, tmp_path, stage):
     from refseg.data import load_split
     from refseg.data.sources.synthetic_generalized import make_generalized_synthetic
     from refseg.infer import evaluate
@@ -125,7 +126,8 @@ def test_ray_run_refits_the_head_and_exports_what_it_validated(ray_session, tmp_
     cfg = load_config(REPO / "configs" / "debug_grefcoco.yaml", [
         f"data.root={root}", "data.synthetic=false", "data.image_size=64", "train.time_budget_s=null",
         "train.epochs=2", "train.batch_size=4", "train.max_steps_per_epoch=3", "train.warmup_steps=0",
-        "train.val_every=1", "train.checkpoint_every=1", "train.no_target_refit_epochs=20", "eval.batch_size=16"])
+        "train.val_every=1", "train.checkpoint_every=1", "train.no_target_refit_epochs=20", "eval.batch_size=16",
+        f"deepspeed.zero_stage={stage}", f"train.precision={'bf16' if stage else 'fp32'}"])  # ZeRO-3: partitioned head
     out = tmp_path / "run"
     summary = run_training(cfg, out)
     hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
