@@ -137,11 +137,14 @@ def test_ray_run_refits_the_head_and_exports_what_it_validated(ray_session, tmp_
     # every training sentence of each rank's cached rows (the ranks contribute equal counts)
     assert sentences - 2 * 8 <= last["refit_samples"] <= sentences, (last["refit_samples"], sentences)
     assert last["refit_heldout_bce"] < last["refit_heldout_bce_before"], last
-    # the last epoch's checkpoint holds the refitted head: exported and evaluated on its own, it scores what
-    # the run's validation after the refit reported (rank 0's BatchNorm statistics: within a tolerance)
+    # the last epoch's checkpoint holds the refitted head: exported and evaluated on its own, it makes the
+    # no-target calls the run's validation after the refit reported -- up to 2 samples of each kind: model.pt
+    # has rank 0's BatchNorm statistics (each rank validated with its own), and this 6-step model's head
+    # sits near its threshold, so a sample or two may cross it
     model_pt = export_checkpoint(summary["latest_checkpoint"], tmp_path / "latest.pt")
     metrics = evaluate(model_pt, root, "grefcoco", "unc", "val", at_train_res=True,
                        output=tmp_path / "eval")["at_train_res"]
     assert metrics["num_samples"] == last["val_samples"]
-    assert metrics["n_acc"] == pytest.approx(last["val_n_acc"], abs=0.05)
-    assert metrics["t_acc"] == pytest.approx(last["val_t_acc"], abs=0.05)
+    kinds = {"n_acc": metrics["num_no_target"], "t_acc": metrics["num_target"]}
+    for key, n in kinds.items():
+        assert abs(metrics[key] - last[f"val_{key}"]) * n <= 2 + 1e-9, (key, metrics[key], last[f"val_{key}"], n)
