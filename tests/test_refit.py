@@ -148,3 +148,18 @@ def test_ray_run_refits_the_head_and_exports_what_it_validated(ray_session, tmp_
     kinds = {"n_acc": metrics["num_no_target"], "t_acc": metrics["num_target"]}
     for key, n in kinds.items():
         assert abs(metrics[key] - last[f"val_{key}"]) * n <= 2 + 1e-9, (key, metrics[key], last[f"val_{key}"], n)
+
+
+def test_time_budget_keeps_one_epoch_for_the_refit():
+    from refseg.train.budget import TimeBudget
+    from refseg.train.checkpoint import RunState
+
+    def fitted(reserve: int) -> int:
+        state = RunState(epoch=4)
+        budget = TimeBudget.start(840.0, 150, state, t0=0.0, reserve_epochs=reserve)
+        for second in (0.0, 10.0, 20.0, 30.0, 40.0):  # 10 s per epoch; the 4th epoch ended at 40 s
+            budget.record(state, second)
+        return budget.fit(state)
+
+    # 840 s less the 3 % margin = 814.8 s; 774.8 s left: 77 more epochs, one fewer with the refit's epoch kept
+    assert (fitted(0), fitted(1)) == (4 + 77, 4 + 76)
