@@ -219,9 +219,9 @@ def validate_gres(engine, batches: Iterable[dict], ctx: WorkerContext, threshold
 
 def brief(metrics: dict) -> str:
     """'loss 0.41 val_miou 0.8 ...': the epoch's figures, rounded, without the bookkeeping ones."""
-    skip = {"epoch", "samples", "val_median_iou", "val_dice", "elapsed_s", "workers", "refit_samples", "refit_epochs",
-            "refit_heldout_bce_before", "refit_heldout_bce"}  # the refit has its own line
-    return " ".join(f"{k} {float(v):.4g}" for k, v in metrics.items() if k not in skip)
+    skip = {"epoch", "samples", "val_median_iou", "val_dice", "elapsed_s", "workers"}
+    # refit_*: the no-target refit has its own line
+    return " ".join(f"{k} {float(v):.4g}" for k, v in metrics.items() if k not in skip and not k.startswith("refit_"))
 
 
 def _progress(cfg: Config, state: RunState, ctx: WorkerContext, step_in_epoch: int, steps: int, losses: list,

@@ -88,10 +88,9 @@ def fit_decision(head_args: dict, state: dict[str, torch.Tensor], parts: list[to
     held, train = order[: max(1, int(n * HELD_OUT))], order[max(1, int(n * HELD_OUT)):]
     work = NoTargetHead(**head_args)
     work.load_state_dict(state)
-    modules = work.decision_modules()
-    params = [p for m in modules for p in m.parameters()]
-    for p in params:
-        p.requires_grad_(True)
+    params = [p for m in work.decision_modules() for p in m.parameters()]
+    keep = {id(p) for p in params}
+    names = [k for k, v in work.named_parameters() if id(v) in keep]
     opt = torch.optim.AdamW(params, lr=REFIT_LR, weight_decay=weight_decay)
 
     def held_bce() -> float:
@@ -99,8 +98,8 @@ def fit_decision(head_args: dict, state: dict[str, torch.Tensor], parts: list[to
             return float(F.binary_cross_entropy_with_logits(work.decide(*[p[held] for p in parts]), labels[held]))
 
     def weights() -> dict[str, torch.Tensor]:
-        keep = {id(p) for p in params}
-        return {k: v.detach().clone() for k, v in work.named_parameters() if id(v) in keep}
+        current = dict(work.named_parameters())
+        return {k: current[k].detach().clone() for k in names}
 
     before = best = held_bce()
     chosen, best_pass = weights(), 0
