@@ -85,7 +85,7 @@ def test_at_train_res_block_uses_nearest_resized_gt(one_worker, synthetic_root, 
     records = sorted(load_split(synthetic_root, *SPLIT), key=lambda r: (r["ref_id"], r["sent_id"]))
     m = SegMetrics()
     for r in records:
-        x, gt = preprocess(load_image(r["image_path"], exif=False, target_size=IMAGE_SIZE), decode_mask(r),
+        x, gt = preprocess(load_image(r["image_path"], exif=False), decode_mask(r),
                            IMAGE_SIZE, False, orig_size=(r["height"], r["width"]))
         ids, am = tokenize(p.tokenizer, [r["sentence"]], p.max_tokens)
         with torch.inference_mode():

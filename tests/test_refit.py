@@ -123,31 +123,34 @@ def test_ray_run_refits_the_head_and_exports_what_it_validated(ray_session, tmp_
     from refseg.train.checkpoint import export_checkpoint
 
     root = make_generalized_synthetic(tmp_path / "set", num_images=60, seed=0)
+    train = load_split(root, "grefcoco", "unc", "train")
+    # a head this young says about the prior for every sample: deciding at the prior splits the samples,
+    # so that the comparison below is one of no-target calls, not of a head on one side of 0.5
+    prior = sum(r["no_target"] for r in train) / len(train)
     cfg = load_config(REPO / "configs" / "debug_grefcoco.yaml", [
         f"data.root={root}", "data.synthetic=false", "data.image_size=64", "train.time_budget_s=null",
-        "train.epochs=2", "train.batch_size=4", "train.max_steps_per_epoch=3", "train.warmup_steps=0",
+        "train.epochs=3", "train.batch_size=4", "train.max_steps_per_epoch=30", "train.warmup_steps=0",
         "train.val_every=1", "train.checkpoint_every=1", "train.no_target_refit_epochs=20", "eval.batch_size=16",
-        f"deepspeed.zero_stage={stage}", f"train.precision={'bf16' if stage else 'fp32'}"])  # ZeRO-3: partitioned head
+        f"model.no_target_threshold={prior:.4f}", f"deepspeed.zero_stage={stage}", "train.precision=fp32"])
     out = tmp_path / "run"
-    summary = run_training(cfg, out)
+    summary = run_training(cfg, out)  # 2 workers; ZeRO-3: the head's weights partitioned over them
     hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert "refit_samples" not in hist[0]  # after the last epoch only
+    assert all("refit_samples" not in h for h in hist[:-1])  # after the last epoch only
     last = hist[-1]
-    sentences = len(load_split(root, "grefcoco", "unc", "train"))
     # every training sentence of each rank's cached rows (the ranks contribute equal counts)
-    assert sentences - 2 * 8 <= last["refit_samples"] <= sentences, (last["refit_samples"], sentences)
+    assert len(train) - 2 * 8 <= last["refit_samples"] <= len(train), (last["refit_samples"], len(train))
     assert last["refit_heldout_bce"] < last["refit_heldout_bce_before"], last
-    # the last epoch's checkpoint holds the refitted head: exported and evaluated on its own, it makes the
-    # no-target calls the run's validation after the refit reported -- up to 2 samples of each kind: model.pt
-    # has rank 0's BatchNorm statistics (each rank validated with its own), and this 6-step model's head
-    # sits near its threshold, so a sample or two may cross it
+    # the last epoch's checkpoint is the model the run validated last (refitted head, the ranks' averaged
+    # BatchNorm statistics): exported and evaluated on its own at the training resolution, it scores what
+    # the run reported -- up to float noise (other batches, channels-last inputs in training)
     model_pt = export_checkpoint(summary["latest_checkpoint"], tmp_path / "latest.pt")
     metrics = evaluate(model_pt, root, "grefcoco", "unc", "val", at_train_res=True,
                        output=tmp_path / "eval")["at_train_res"]
     assert metrics["num_samples"] == last["val_samples"]
-    kinds = {"n_acc": metrics["num_no_target"], "t_acc": metrics["num_target"]}
-    for key, n in kinds.items():
-        assert abs(metrics[key] - last[f"val_{key}"]) * n <= 2 + 1e-9, (key, metrics[key], last[f"val_{key}"], n)
+    for key, n in {"n_acc": metrics["num_no_target"], "t_acc": metrics["num_target"]}.items():
+        assert abs(metrics[key] - last[f"val_{key}"]) * n <= 1 + 1e-9, (key, metrics[key], last[f"val_{key}"], n)
+    for key in ("giou", "ciou"):
+        assert metrics[key] == pytest.approx(last[f"val_{key}"], abs=5e-4), (key, metrics[key], last[f"val_{key}"])
 
 
 def test_time_budget_keeps_one_epoch_for_the_refit():

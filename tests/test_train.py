@@ -397,3 +397,14 @@ def test_cli_missing_data_root_is_one_sentence(ray_session, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert err.startswith("refseg: error: data root") and "data.synthetic=true" in err and "Traceback" not in err
+
+
+def test_validation_scores_the_image_not_keep_aspects_padding():
+    from refseg.train.epoch import on_image
+
+    pred = torch.ones(2, 8, 8, dtype=torch.bool)
+    batch = {"orig_h": [100, 30], "orig_w": [50, 60]}  # on the 8 x 8 canvas: 8 x 4 and 4 x 8 of image
+    kept = on_image(pred, batch, keep_aspect=True)
+    assert kept[0, :, :4].all() and not kept[0, :, 4:].any()
+    assert kept[1, :4].all() and not kept[1, 4:].any()
+    assert torch.equal(on_image(pred, batch, keep_aspect=False), pred)  # a plain resize fills the canvas

@@ -72,8 +72,8 @@ class EvalActor:
                 gt = decode_mask(json.loads(str(batch["seg_json"][i])), h, w)
         except (ValueError, TypeError, KeyError) as e:
             raise SkipSample(INVALID_SEGMENTATION, str(e)) from None
-        try:  # COCO masks live on the stored pixel grid: no EXIF rotation; JPEG draft like training
-            image = load_image(str(batch["image_path"][i]), target_size=self.predictor.image_size, exif=False)
+        try:  # COCO masks live on the stored pixel grid: no EXIF rotation; every pixel decoded, as validation
+            image = load_image(str(batch["image_path"][i]), exif=False)  # and the Predictor do (no JPEG draft)
         except (ImageError, OSError) as e:
             raise SkipSample(UNREADABLE_IMAGE, str(e)) from None
         if not is_draft_size(gt.shape, image.shape[:2]):
@@ -85,9 +85,10 @@ class EvalActor:
 
         p, n = self.predictor, len(batch["ref_id"])
         cols = {k: np.zeros(n, np.int64) for k in AREA_COLUMNS}
+        pred_nt, nt_prob = np.zeros(n, bool), np.full(n, np.nan, np.float32)
         if self.at_train_res:
             cols.update({f"{k}_tr": np.zeros(n, np.int64) for k in AREA_COLUMNS})
-        pred_nt, nt_prob = np.zeros(n, bool), np.full(n, np.nan, np.float32)
+            cols["pred_no_target_tr"] = np.zeros(n, bool)  # GRES at the training resolution: that mask's emptiness
         reasons = [""] * n
         good, xs, metas, gts, gts_small = [], [], [], [], []
         for i in range(n):
@@ -111,7 +112,9 @@ class EvalActor:
                 self._record(cols, "", i, mask, gts[j])
                 if self.at_train_res:
                     rh, rw = metas[j]["resized_h"], metas[j]["resized_w"]
-                    self._record(cols, "_tr", i, probs[j][:rh, :rw] > self.threshold, gts_small[j][:rh, :rw])
+                    small = probs[j][:rh, :rw] > self.threshold
+                    cols["pred_no_target_tr"][i] = not small.any()
+                    self._record(cols, "_tr", i, small, gts_small[j][:rh, :rw])
                 if self.masks_dir is not None:
                     from refseg.infer.visualize import mask_png, save_png
 
@@ -150,7 +153,7 @@ def _accumulate(rows: dict, suffix: str, generalized: bool):
         m.add(*areas, keys=rows["sent_id"][ok])
         return m
     m = GresMetrics()
-    m.add(*areas, rows["gt_no_target"][ok], rows["pred_no_target"][ok], keys=rows["sent_id"][ok])
+    m.add(*areas, rows["gt_no_target"][ok], rows[f"pred_no_target{suffix}"][ok], keys=rows["sent_id"][ok])
     return m
 
 

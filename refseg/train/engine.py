@@ -238,3 +238,23 @@ def all_gather_objects(obj: Any) -> list:
         torch.distributed.all_gather_object(out, obj)
         return out
     return [obj]
+
+
+def average_norm_stats(model: torch.nn.Module) -> int:
+    """Average BatchNorm running statistics over the ranks; returns how many layers it averaged.
+
+    DeepSpeed keeps each rank's buffers as that rank's batches left them (DDP would broadcast rank 0's
+    before every forward), so without this every rank would validate a slightly different model and
+    the checkpoint (rank 0's buffers) would be a third one. timm's ``distribute_bn(reduce=True)`` after
+    each epoch, in one all-reduce: validation, the refit and the checkpoint then see the same model."""
+    layers = [m for m in model.modules()
+              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+              and m.running_mean is not None]
+    if world_size() == 1 or not layers:
+        return 0
+    stats = [t for m in layers for t in (m.running_mean, m.running_var)]
+    flat = all_reduce_sum(torch.cat([t.detach().float().cpu().reshape(-1) for t in stats])) / world_size()
+    with torch.no_grad():
+        for t, part in zip(stats, flat.split([t.numel() for t in stats])):
+            t.copy_(part.view_as(t))
+    return len(layers)

@@ -19,6 +19,7 @@ import torch
 
 from refseg.config import Config, ModelConfig, TrainConfig
 from refseg.config.schema import GENERALIZED_DATASETS
+from refseg.data.transforms import resize_geometry
 from refseg.losses import generalized_loss, refseg_loss
 from refseg.metrics import GresMetrics, SegMetrics
 from refseg.train.checkpoint import RunState
@@ -122,6 +123,19 @@ def batch_loss(out: dict, mask: torch.Tensor, batch: dict, model: ModelConfig) -
                             w.no_target_weight, w.empty_mask_weight, w.no_target_pos_weight)
 
 
+def on_image(pred: torch.Tensor, batch: dict, keep_aspect: bool) -> torch.Tensor:
+    """(B, S, S) bool predictions without the pixels on ``keep_aspect``'s padding: validation scores the
+    image's content at the training resolution, as ``refseg evaluate --at-train-res`` does, and the
+    padding is no part of any image (its ground truth is 0 there; a prediction there is no error)."""
+    if not keep_aspect:
+        return pred
+    size = pred.shape[-1]
+    content = torch.tensor([resize_geometry(int(h), int(w), size, True) for h, w in zip(batch["orig_h"], batch["orig_w"])],
+                           device=pred.device)  # (B, 2): rows, columns of the image
+    at = torch.arange(size, device=pred.device)
+    return pred & (at[None, :, None] < content[:, 0, None, None]) & (at[None, None, :] < content[:, 1, None, None])
+
+
 def predicted_no_target(out: dict, masks: torch.Tensor, threshold: float) -> torch.Tensor:
     """(B,) bool: the samples the model calls empty -- an empty predicted mask (GRES: a prediction
     without any foreground pixel is a no-target prediction), and with the head also every sample whose
@@ -168,13 +182,14 @@ def validate(engine, batches: Iterable[dict], ctx: WorkerContext, cfg: Config | 
     """Score this worker's share of the val split; merge exact per-sample states across workers.
     Generalized data (``cfg.data.dataset`` in GENERALIZED_DATASETS) is scored by :func:`validate_gres`."""
     if cfg is not None and cfg.data.dataset in GENERALIZED_DATASETS:
-        return validate_gres(engine, batches, ctx, cfg.model.no_target_threshold)
+        return validate_gres(engine, batches, ctx, cfg.model.no_target_threshold, cfg.data.keep_aspect)
     engine.eval()
     metrics = SegMetrics()
+    keep_aspect = cfg is not None and cfg.data.keep_aspect
     for batch in batches:
         image, ids, attn, mask = to_inputs(batch, ctx.device, ctx.dtype)
         logits = engine(image, ids, attn)["logits"][:, 0]
-        metrics.update((logits > 0).cpu().numpy(), (mask > 0.5).cpu().numpy())
+        metrics.update(on_image(logits > 0, batch, keep_aspect).cpu().numpy(), (mask > 0.5).cpu().numpy())
     merged = SegMetrics()
     for part in all_gather_objects(metrics.state()):
         merged.merge(SegMetrics.from_state(part))
@@ -192,7 +207,8 @@ def validate(engine, batches: Iterable[dict], ctx: WorkerContext, cfg: Config | 
 
 
 @torch.no_grad()
-def validate_gres(engine, batches: Iterable[dict], ctx: WorkerContext, threshold: float) -> dict:
+def validate_gres(engine, batches: Iterable[dict], ctx: WorkerContext, threshold: float,
+                  keep_aspect: bool = False) -> dict:
     """GRES validation (:class:`refseg.metrics.GresMetrics`) of this worker's share, merged across workers:
     a sample predicted no-target (:func:`predicted_no_target` at ``threshold``) has an empty mask.
     -> ``val_giou, val_ciou, val_n_acc, val_t_acc, val_samples, val_prec_70 .. val_prec_90``."""
@@ -201,7 +217,7 @@ def validate_gres(engine, batches: Iterable[dict], ctx: WorkerContext, threshold
     for batch in batches:
         image, ids, attn, mask = to_inputs(batch, ctx.device, ctx.dtype)
         out = engine(image, ids, attn)
-        pred = out["logits"][:, 0] > 0  # (B, H, W)
+        pred = on_image(out["logits"][:, 0] > 0, batch, keep_aspect)  # (B, H, W)
         empty = predicted_no_target(out, pred, threshold)  # (B,)
         pred &= ~empty[:, None, None]
         metrics.update(pred.cpu().numpy(), (mask > 0.5).cpu().numpy(), np.asarray(batch["no_target"]) > 0.5,

@@ -26,7 +26,14 @@ from refseg.data.cache import KeptBatches
 from refseg.runtime import keep_freed_memory
 from refseg.train.budget import TimeBudget, set_schedule_total, with_epochs
 from refseg.train.checkpoint import NOT_VALIDATED, RunState, load_checkpoint, save_and_report, score_key
-from refseg.train.engine import accumulation, all_reduce_min, engine_dtype, pick_device, setup_engine
+from refseg.train.engine import (
+    accumulation,
+    all_reduce_min,
+    average_norm_stats,
+    engine_dtype,
+    pick_device,
+    setup_engine,
+)
 from refseg.train.epoch import WorkerContext, brief, epoch_actions, say, train_epoch, unseen_batches, validate
 from refseg.train.init import init_weights
 from refseg.train.outputs import open_run_log
@@ -213,6 +220,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             log.close()
             return
         metrics = {"epoch": state.epoch + 1, "step": state.global_step, "lr": max(scheduler.get_last_lr()), **stats}
+        average_norm_stats(engine.module)  # the refit, validation and checkpoint see one model on every rank
         last = state.epoch + 1 == cfg.train.epochs
         if last and cfg.train.no_target_refit_epochs:  # before the last validation and checkpoint
             metrics.update(refit(engine, refit_samples(), cfg, ctx))
